@@ -1,0 +1,1 @@
+"""The draft service: drafters that propose candidate blocks, and their per-session state."""

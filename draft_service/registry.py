@@ -1,0 +1,48 @@
+"""Choosing a drafter by kind: none (target alone), prompt lookup, or a model folder."""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+from pathlib import Path
+
+from draft_service.ngram import NgramDrafter
+from draft_service.vlm_drafter import VlmDrafter
+from speculum.errors import InvalidArgument
+from speculum.vlm import VisionLanguageModel
+
+
+class DrafterKind(enum.Enum):
+    NONE = "none"
+    NGRAM = "ngram"
+    MODEL = "model"  # a folder holding a small (vision-)language model
+
+
+@dataclass(frozen=True)
+class DrafterSpec:
+    kind: DrafterKind
+    path: Path | None = None
+
+    @classmethod
+    def parse(cls, spec: str) -> DrafterSpec:
+        """`none`, `ngram` or a path to a drafter folder (the CLI's --drafter)."""
+        for kind in (DrafterKind.NONE, DrafterKind.NGRAM):
+            if spec == kind.value:
+                return cls(kind)
+        path = Path(spec)
+        if not (path / "config.json").is_file():
+            raise InvalidArgument("drafter", f"expected none, ngram or a model folder with config.json, got {spec!r}")
+        return cls(DrafterKind.MODEL, path)
+
+
+def load_drafter(spec: str, target: VisionLanguageModel):
+    """The Drafter for `spec`, or None to decode with the target alone."""
+    parsed = DrafterSpec.parse(spec)
+    if parsed.kind is DrafterKind.NONE:
+        return None
+    if parsed.kind is DrafterKind.NGRAM:
+        return NgramDrafter()
+    model = VisionLanguageModel.from_pretrained(parsed.path, target.device)
+    if model.vocab_size != target.vocab_size:
+        raise InvalidArgument("drafter", f"vocab size {model.vocab_size} differs from the target's {target.vocab_size}")
+    return VlmDrafter(model)

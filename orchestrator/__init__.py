@@ -1,0 +1,1 @@
+"""The orchestrator: the speculative loop over Drafter/Verifier protocols, prompts, the engine."""

@@ -1,0 +1,43 @@
+"""The two roles the speculative loop talks to. In-process objects and gRPC clients implement them."""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+from speculum.config import SamplingParams
+from speculum.records import DraftBlock, PromptInputs, VerifyResult
+
+
+class VerifySession(Protocol):
+    def prefill(self, prompt: PromptInputs) -> VerifyResult:
+        """Run the prompt through the target; the result carries the first generated token."""
+
+    def verify(self, block: DraftBlock) -> VerifyResult:
+        """Check a draft block in one target forward pass."""
+
+    def close(self) -> None:
+        """Release the session's state (idempotent)."""
+
+
+class Verifier(Protocol):
+    def open(self, sampling: SamplingParams) -> VerifySession:
+        """A new session; `sampling.seed` is already resolved."""
+
+
+class DraftSession(Protocol):
+    def prefill(self, prompt: PromptInputs, first: VerifyResult) -> None:
+        """Take in the prompt and the target's prefill result (first token, prompt features)."""
+
+    def propose(self, max_tokens: int) -> DraftBlock:
+        """At most `max_tokens` candidates continuing after the last committed token."""
+
+    def advance(self, result: VerifyResult) -> None:
+        """Commit the verifier's result: keep what was accepted, drop the rest."""
+
+    def close(self) -> None:
+        """Release the session's state (idempotent)."""
+
+
+class Drafter(Protocol):
+    def open(self, sampling: SamplingParams) -> DraftSession:
+        """A new session; `sampling.seed` is already resolved."""

@@ -1,0 +1,85 @@
+"""The values that travel between the loop, the drafter and the verifier (in-process or over gRPC).
+
+Plain frozen dataclasses: no protobuf, no model objects. Token ids are tuples of ints; bulk
+features are tensors whose shapes are documented and asserted where they are built.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from speculum.rejection import NextTokenKind
+
+
+@dataclass(frozen=True)
+class PromptInputs:
+    """A tokenized prompt.
+
+    token_ids: the chat-templated prompt with ONE image-token id per image; each model expands it
+        to its own number of visual tokens.
+    pixel_values: [I, 3, H, W] preprocessed images, or None.
+    visual_embeds: [I, N, D] projected visual embeddings computed elsewhere (the vision encoder),
+        used instead of pixel_values by the target when present.
+    """
+
+    token_ids: tuple[int, ...]
+    pixel_values: torch.Tensor | None = None
+    visual_embeds: torch.Tensor | None = None
+
+    @property
+    def num_images(self) -> int:
+        if self.visual_embeds is not None:
+            return self.visual_embeds.shape[0]
+        return 0 if self.pixel_values is None else self.pixel_values.shape[0]
+
+
+@dataclass(frozen=True)
+class DraftBlock:
+    """Candidate tokens proposed in one round, continuing after the verifier's pending token.
+
+    tokens: [K] proposed ids (K may be 0: the verifier then just decodes one token).
+    draft_probs: [K, V] the drafter's transformed distributions when sampling; None for greedy
+        requests and for drafters without probabilities (treated as one-hot drafts).
+    parents: for a candidate tree, the parent index of each token (-1 = the pending token);
+        None means a chain.
+    """
+
+    tokens: tuple[int, ...]
+    draft_probs: torch.Tensor | None = None
+    parents: tuple[int, ...] | None = None
+
+    def __post_init__(self) -> None:
+        if self.draft_probs is not None:
+            assert self.draft_probs.dim() == 2 and self.draft_probs.shape[0] == len(self.tokens), self.draft_probs.shape
+        if self.parents is not None:
+            assert len(self.parents) == len(self.tokens), (self.parents, self.tokens)
+
+    @property
+    def is_chain(self) -> bool:
+        return self.parents is None or all(p == i - 1 for i, p in enumerate(self.parents))
+
+
+@dataclass(frozen=True)
+class VerifyResult:
+    """What one target forward pass settled (prefill or verification).
+
+    tokens: the accepted draft tokens, then the next token (bonus or recovered); after a prefill,
+        just the first generated token. len(tokens) == num_accepted + 1.
+    hidden: [P, D] the target's last-layer (post-norm) hidden states at the positions this pass
+        committed: the whole prompt after a prefill, else the pending token and the accepted
+        drafts. Row j is the state from which the token after position j is predicted.
+    """
+
+    num_accepted: int
+    tokens: tuple[int, ...]
+    next_kind: NextTokenKind
+    hidden: torch.Tensor
+
+    def __post_init__(self) -> None:
+        assert len(self.tokens) == self.num_accepted + 1, (self.tokens, self.num_accepted)
+
+    @property
+    def next_token(self) -> int:
+        return self.tokens[-1]

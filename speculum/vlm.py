@@ -1,0 +1,170 @@
+"""A narrow adapter over HF causal (vision-)language models, run step by step with a KV cache.
+
+It wraps `LlavaForConditionalGeneration` (vision tower + projector + decoder) or a text-only
+`*ForCausalLM`, loaded from a local folder or built from a config. It embeds prompts (expanding
+each image token to the model's visual-token count), runs the decoder over a cache and returns
+logits and last-layer hidden states. It knows nothing about drafting or verification.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM, DynamicCache, LlavaForConditionalGeneration, PreTrainedModel
+
+from speculum.errors import InvalidArgument
+
+
+def default_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+@dataclass(frozen=True)
+class ModelStep:
+    """One decoder pass. logits: [T, V] (float32) · hidden: [T, D] last-layer, post-norm."""
+
+    logits: torch.Tensor
+    hidden: torch.Tensor
+
+
+class VisionLanguageModel:
+    """A causal LM, optionally multimodal (LLaVA layout), driven through an explicit KV cache."""
+
+    def __init__(self, model: PreTrainedModel, device: torch.device | None = None):
+        device = device or default_device()
+        # fp32 on CPU: bf16 matmuls are several times slower there (notes/stack.md).
+        dtype = torch.float32 if device.type == "cpu" else torch.float16
+        self.model = model.to(device=device, dtype=dtype).eval()
+        self.device = device
+        self.config = model.config
+        self.text_config = model.config.get_text_config()
+        if isinstance(model, LlavaForConditionalGeneration):
+            self._decoder = model.model.language_model
+            self._vision = model.model
+        else:
+            self._decoder = model.model
+            self._vision = None
+        self._lm_head = model.lm_head
+
+    @classmethod
+    def from_pretrained(cls, path: str | Path, device: torch.device | None = None) -> VisionLanguageModel:
+        """Load a local llava-hf (or plain causal LM) folder; nothing is downloaded."""
+        config = AutoConfig.from_pretrained(path, local_files_only=True)
+        model_cls = LlavaForConditionalGeneration if config.model_type == "llava" else AutoModelForCausalLM
+        model = model_cls.from_pretrained(path, local_files_only=True, dtype=torch.float32)
+        return cls(model, device)
+
+    # --- facts about the model -------------------------------------------------------------
+    @property
+    def is_multimodal(self) -> bool:
+        return self._vision is not None
+
+    @property
+    def vocab_size(self) -> int:
+        return self.text_config.vocab_size
+
+    @property
+    def hidden_size(self) -> int:
+        return self.text_config.hidden_size
+
+    @property
+    def max_positions(self) -> int:
+        return self.text_config.max_position_embeddings
+
+    @property
+    def image_token_id(self) -> int | None:
+        return self.config.image_token_id if self.is_multimodal else None
+
+    @property
+    def num_image_tokens(self) -> int:
+        """N: visual tokens per image (patch grid, plus CLS when the strategy keeps it)."""
+        if not self.is_multimodal:
+            return 0
+        vision = self.config.vision_config
+        patches = (vision.image_size // vision.patch_size) ** 2
+        return patches + (1 if self.config.vision_feature_select_strategy == "full" else 0)
+
+    @property
+    def image_size(self) -> int | None:
+        return self.config.vision_config.image_size if self.is_multimodal else None
+
+    @property
+    def eos_token_ids(self) -> frozenset[int]:
+        eos = getattr(self.model.generation_config, "eos_token_id", None)
+        if eos is None:
+            eos = self.text_config.eos_token_id
+        if eos is None:
+            return frozenset()
+        return frozenset(eos if isinstance(eos, (list, tuple)) else [eos])
+
+    # --- prompt embedding ---------------------------------------------------------------------
+    def expand_image_tokens(self, token_ids: Sequence[int]) -> list[int]:
+        """Replace each image-token id by N of them, as the decoder expects."""
+        if not self.is_multimodal:
+            return list(token_ids)
+        expanded: list[int] = []
+        for token in token_ids:
+            expanded.extend([token] * self.num_image_tokens if token == self.image_token_id else [token])
+        return expanded
+
+    @torch.inference_mode()
+    def encode_images(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """Vision tower + projector. pixel_values: [I, 3, H, W] -> visual embeds [I, N, D]."""
+        if not self.is_multimodal:
+            raise InvalidArgument("images", "this target is text-only and takes no images")
+        pixel_values = pixel_values.to(self.device, self.model.dtype)
+        features = self._vision.get_image_features(pixel_values=pixel_values).pooler_output
+        embeds = torch.stack(list(features))
+        assert embeds.shape[1:] == (self.num_image_tokens, self.hidden_size), embeds.shape
+        return embeds
+
+    @torch.inference_mode()
+    def embed(self, token_ids: Sequence[int], visual_embeds: torch.Tensor | None = None) -> torch.Tensor:
+        """Input embeddings [1, T, D] for expanded `token_ids`, visual embeds [I, N, D] at image slots."""
+        ids = torch.tensor([list(token_ids)], device=self.device)
+        embeds = self._decoder.get_input_embeddings()(ids)
+        num_slots = int((ids == self.image_token_id).sum()) if self.is_multimodal else 0
+        num_visual = 0 if visual_embeds is None else visual_embeds.shape[0] * visual_embeds.shape[1]
+        if num_slots != num_visual:
+            raise InvalidArgument(
+                "images", f"the prompt has {num_slots} image-token slots but {num_visual} visual embeddings"
+            )
+        if num_slots:
+            mask = (ids == self.image_token_id).unsqueeze(-1).expand_as(embeds)
+            embeds = embeds.masked_scatter(mask, visual_embeds.to(embeds.dtype).reshape(-1))
+        return embeds
+
+    # --- decoding -----------------------------------------------------------------------------
+    def new_cache(self) -> DynamicCache:
+        return DynamicCache(config=self.text_config)
+
+    @torch.inference_mode()
+    def forward(
+        self,
+        cache: DynamicCache,
+        token_ids: Sequence[int] | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        logits_for_last: int | None = None,
+    ) -> ModelStep:
+        """Run the decoder over new positions appended to `cache` (which it extends).
+
+        Give either `token_ids` [T] or `inputs_embeds` [1, T, D]. `logits_for_last` limits the
+        LM head to the last n positions (a prefill needs one); hidden states cover all T.
+        """
+        if inputs_embeds is None:
+            inputs_embeds = self._decoder.get_input_embeddings()(torch.tensor([list(token_ids)], device=self.device))
+        num_new = inputs_embeds.shape[1]
+        if cache.get_seq_length() + num_new > self.max_positions:
+            raise InvalidArgument(
+                "sampling.max_new_tokens",
+                f"the sequence would reach {cache.get_seq_length() + num_new} tokens, beyond the target's "
+                f"context of {self.max_positions}",
+            )
+        out = self._decoder(inputs_embeds=inputs_embeds, past_key_values=cache, use_cache=True)
+        hidden = out.last_hidden_state[0]  # [T, D]
+        head_input = hidden if logits_for_last is None else hidden[-logits_for_last:]
+        logits = self._lm_head(head_input).float()
+        return ModelStep(logits=logits, hidden=hidden)

@@ -1,0 +1,1 @@
+"""The verify service: the target model, its per-session KV caches, and block verification."""
