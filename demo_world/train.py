@@ -1,0 +1,143 @@
+"""The seeded, resumable training loop of the demo target.
+
+Reproducibility rules: batches come from `data.step_items(config, step)`, the learning rate is a
+function of the step, and a checkpoint (model, optimiser, scheduler, RNG state) is written every
+`checkpoint_every` steps, so a run killed and resumed ends with the same weights as one that was
+not (on the same machine type and thread count). This module does not decide sizes or export.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+from transformers import LlavaForConditionalGeneration, PreTrainedTokenizerBase
+
+from demo_world.config import RecipeConfig, TrainConfig
+from demo_world.data import IGNORE, Batch, collate, step_items
+
+CHECKPOINT = "checkpoint.pt"
+LOG = "train_log.jsonl"
+
+
+@dataclass(frozen=True)
+class TrainResult:
+    """What a (possibly resumed) run did."""
+
+    steps: int
+    resumed_from: int
+    final_loss_ema: float
+    seconds: float  # wall time of this invocation only
+
+
+def lr_factor(step: int, config: TrainConfig) -> float:
+    """Linear warmup, then cosine from 1 to `min_lr_ratio` at the last step."""
+    if step < config.warmup_steps:
+        return (step + 1) / config.warmup_steps
+    progress = (step - config.warmup_steps) / max(1, config.steps - config.warmup_steps)
+    return config.min_lr_ratio + (1 - config.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
+def make_optimizer(model: LlavaForConditionalGeneration, config: TrainConfig) -> torch.optim.AdamW:
+    """AdamW with two groups: the vision side (tower + projector) has its own peak learning rate."""
+    vision = [p for n, p in model.named_parameters() if n.startswith(("model.vision_tower", "model.multi_modal_projector"))]
+    vision_ids = {id(p) for p in vision}
+    text = [p for p in model.parameters() if id(p) not in vision_ids]
+    return torch.optim.AdamW(
+        [{"params": vision, "lr": config.vision_lr}, {"params": text, "lr": config.lr}],
+        betas=(0.9, 0.95),
+        weight_decay=config.weight_decay,
+    )
+
+
+def answer_loss(model: LlavaForConditionalGeneration, batch: Batch) -> torch.Tensor:
+    """Mean cross-entropy over answer tokens. The LM head runs only on those positions: with a
+    1.5k vocabulary it would otherwise cost more than a decoder layer per step."""
+    hidden = model.model(
+        input_ids=batch.input_ids, attention_mask=batch.attention_mask, pixel_values=batch.pixel_values
+    ).last_hidden_state  # [B, T, D]
+    targets = batch.labels[:, 1:]  # [B, T-1]
+    keep = targets != IGNORE
+    logits = model.lm_head(hidden[:, :-1][keep])  # [answer tokens, V]
+    return F.cross_entropy(logits, targets[keep])
+
+
+def _save_checkpoint(path: Path, model, optimizer, scheduler, step: int, loss_ema: float) -> None:
+    state = {
+        "step": step,
+        "model": model.state_dict(),
+        "optimizer": optimizer.state_dict(),
+        "scheduler": scheduler.state_dict(),
+        "torch_rng": torch.get_rng_state(),
+        "loss_ema": loss_ema,
+    }
+    tmp = path.with_suffix(".tmp")
+    torch.save(state, tmp)
+    os.replace(tmp, path)  # atomic: a kill mid-save leaves the previous checkpoint intact
+
+
+def train(
+    model: LlavaForConditionalGeneration,
+    tokenizer: PreTrainedTokenizerBase,
+    image_processor,
+    config: RecipeConfig,
+    run_dir: Path,
+    monitor=None,
+    stop_after: int | None = None,
+) -> TrainResult:
+    """Train `model` in place to `config.train.steps`, resuming from `run_dir` if a checkpoint is there.
+
+    `monitor(model, step) -> dict`, if given, runs every `monitor_every` steps; its result is only logged.
+    `stop_after` ends the run early at that step (as if killed after a checkpoint) without changing
+    the schedule, which is what a resumed run must continue.
+    """
+    tc = config.train
+    run_dir.mkdir(parents=True, exist_ok=True)
+    optimizer = make_optimizer(model, tc)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, tc))
+    start, loss_ema = 0, float("nan")
+    checkpoint = run_dir / CHECKPOINT
+    if checkpoint.exists():
+        state = torch.load(checkpoint, weights_only=False)
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        torch.set_rng_state(state["torch_rng"])
+        start, loss_ema = state["step"], state["loss_ema"]
+    began = time.monotonic()
+    model.train()
+    with open(run_dir / LOG, "a") as log, tqdm(total=tc.steps, initial=start, desc="train target", unit="step") as bar:
+        for step in range(start, min(tc.steps, stop_after or tc.steps)):
+            batch = collate(step_items(config, step), tokenizer, image_processor, config.model.visual_tokens)
+            loss = answer_loss(model, batch)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip)
+            optimizer.step()
+            scheduler.step()
+            value = loss.item()
+            loss_ema = value if math.isnan(loss_ema) else 0.98 * loss_ema + 0.02 * value
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss_ema:.3f}")
+            done = step + 1
+            record = {"step": done, "loss": round(value, 5), "loss_ema": round(loss_ema, 5),
+                      "lr": scheduler.get_last_lr()[1], "time": round(time.monotonic() - began, 2),
+                      "tokens": int(batch.attention_mask.sum())}
+            if monitor is not None and tc.monitor_every and done % tc.monitor_every == 0:
+                model.eval()
+                record["monitor"] = monitor(model, done)
+                model.train()
+                tqdm.write(f"step {done}: {record['monitor']}")
+            log.write(json.dumps(record) + "\n")
+            log.flush()
+            if done % tc.checkpoint_every == 0 or done in (tc.steps, stop_after):
+                _save_checkpoint(checkpoint, model, optimizer, scheduler, done, loss_ema)
+    model.eval()
+    return TrainResult(min(tc.steps, stop_after or tc.steps), start, loss_ema, time.monotonic() - began)
