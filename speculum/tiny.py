@@ -45,6 +45,12 @@ class TinySpec:
     seed: int = 0
 
 
+# A stand-in pair for the demo and the baseline benchmark until the trained demo pair ships:
+# the target costs clearly more per token than the drafter.
+STANDIN_TARGET = TinySpec(hidden_size=256, num_layers=4, num_heads=4, num_kv_heads=4, seed=0)
+STANDIN_DRAFTER = TinySpec(hidden_size=64, num_layers=1, num_heads=2, num_kv_heads=2, seed=1)
+
+
 def tiny_tokenizer(vocab_size: int = 384) -> PreTrainedTokenizerFast:
     """A byte-level BPE trained on a few standard-library docstrings (offline, deterministic)."""
     texts = [inspect.getdoc(obj) or "" for obj in (str, list, dict, set, int, float, bytes, tuple, range, zip)]

@@ -1,0 +1,123 @@
+"""The `speculum` command line: `speculum generate` (in-process for now).
+
+Parses flags into request dataclasses, runs the engine, prints text or one JSON object per
+request. Errors print one readable line naming the offending field and exit with status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+from speculum.config import SamplingParams, SpeculationParams
+from speculum.errors import SpeculumError
+from speculum.paths import demo_drafter_dir, demo_target_dir
+
+
+def _default_drafter() -> str:
+    return str(demo_drafter_dir()) if (demo_drafter_dir() / "config.json").is_file() else "ngram"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="speculum", description="Lossless speculative decoding for VLMs.")
+    commands = parser.add_subparsers(dest="command", required=True)
+    gen = commands.add_parser("generate", help="generate for one prompt or a JSONL file of requests")
+    gen.add_argument("--target", type=Path, default=None, help="target model folder (default: the demo target)")
+    gen.add_argument("--drafter", default=None, help="none | ngram | DIR (default: the demo drafter, else ngram)")
+    gen.add_argument("--image", type=Path, action="append", default=[], help="image file (repeatable)")
+    gen.add_argument("--prompt", help="the user prompt")
+    gen.add_argument("--max-new-tokens", type=int, default=256)
+    gen.add_argument("--temperature", type=float, default=0.0)
+    gen.add_argument("--top-p", type=float, default=1.0)
+    gen.add_argument("--top-k", type=int, default=0)
+    gen.add_argument("--seed", type=int, default=None)
+    gen.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+    gen.add_argument("--draft-length", type=int, default=SpeculationParams().num_draft_tokens, help="K per round")
+    gen.add_argument("--requests", type=Path, help="JSONL: prompt, image, max_new_tokens, temperature, seed")
+    gen.add_argument("--json", action="store_true", help="print one JSON object per request")
+    return parser
+
+
+def _requests(args: argparse.Namespace) -> Iterator[dict]:
+    """One dict per request, from --requests or from the flags."""
+    if args.requests:
+        with args.requests.open() as lines:
+            for number, line in enumerate(lines, 1):
+                if line.strip():
+                    try:
+                        yield json.loads(line)
+                    except json.JSONDecodeError as exc:
+                        raise SystemExit(f"speculum: {args.requests}:{number}: not JSON ({exc})") from exc
+        return
+    if args.prompt is None:
+        raise SystemExit("speculum: give --prompt or --requests")
+    yield {"prompt": args.prompt, "images": [str(p) for p in args.image]}
+
+
+def _to_request(spec: dict, args: argparse.Namespace):
+    from orchestrator.engine import GenerateRequest
+
+    images = spec.get("images") or ([spec["image"]] if spec.get("image") else [])
+    try:
+        image_bytes = [Path(p).read_bytes() for p in images]
+    except OSError as exc:
+        raise SystemExit(f"speculum: cannot read image: {exc}") from exc
+    sampling = SamplingParams(
+        max_new_tokens=int(spec.get("max_new_tokens", args.max_new_tokens)),
+        temperature=float(spec.get("temperature", args.temperature)),
+        top_p=float(spec.get("top_p", args.top_p)),
+        top_k=int(spec.get("top_k", args.top_k)),
+        seed=spec.get("seed", args.seed),
+        stop=tuple(spec.get("stop", args.stop)),
+    )
+    speculation = SpeculationParams(enabled=True, num_draft_tokens=args.draft_length)
+    return GenerateRequest(str(spec.get("prompt", "")), image_bytes, sampling, speculation)
+
+
+def generate(args: argparse.Namespace) -> int:
+    import torch
+
+    from draft_service.registry import load_drafter
+    from orchestrator.engine import Engine
+
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    torch.set_num_threads(max(1, os.cpu_count() or 1))
+    target_dir = args.target or demo_target_dir()
+    if not (Path(target_dir) / "config.json").is_file():
+        raise SystemExit(f"speculum: no target model at {target_dir} (give --target DIR)")
+    engine = Engine.from_pretrained(target_dir)
+    engine.drafter = load_drafter(args.drafter or _default_drafter(), engine.target)
+    for spec in _requests(args):
+        result = engine.generate(_to_request(spec, args))
+        if args.json:
+            print(json.dumps(result.as_json()), flush=True)
+        else:
+            stats = result.stats
+            print(result.text, flush=True)
+            print(
+                f"[{len(result.token_ids)} tokens, finish={result.finish_reason.value}, "
+                f"τ={stats.mean_accepted_length:.2f}, target forwards={stats.target_forwards}, "
+                f"ttft={stats.ttft_s * 1000:.0f} ms, decode={stats.decode_s:.2f} s]",
+                file=sys.stderr,
+            )
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    args = build_parser().parse_args(argv)
+    try:
+        return generate(args)
+    except SpeculumError as exc:
+        print(f"speculum: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

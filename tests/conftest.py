@@ -1,0 +1,112 @@
+"""Shared fixtures: tiny seeded models (multimodal and text-only), saved checkpoints, images."""
+
+from __future__ import annotations
+
+import io
+import os
+from collections.abc import Sequence
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+torch.set_num_threads(2)
+
+from orchestrator.engine import Engine  # noqa: E402
+from orchestrator.prompting import PromptBuilder  # noqa: E402
+from speculum.records import DraftBlock, PromptInputs, VerifyResult  # noqa: E402
+from speculum.tiny import TinySpec, build_tiny_model, save_tiny_checkpoint, tiny_tokenizer  # noqa: E402
+from speculum.vlm import VisionLanguageModel  # noqa: E402
+
+
+def png_bytes(seed: int, size: int = 40) -> bytes:
+    pixels = (np.random.default_rng(seed).random((size, size, 3)) * 255).astype("uint8")
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+@pytest.fixture(scope="session")
+def tokenizer():
+    return tiny_tokenizer()
+
+
+@pytest.fixture(scope="session")
+def llava_dir(tmp_path_factory):
+    return save_tiny_checkpoint(tmp_path_factory.mktemp("llava"), TinySpec())
+
+
+@pytest.fixture(scope="session")
+def llama_dir(tmp_path_factory):
+    return save_tiny_checkpoint(tmp_path_factory.mktemp("llama"), TinySpec(multimodal=False, seed=6))
+
+
+@pytest.fixture(scope="session")
+def llava_engine(llava_dir):
+    return Engine.from_pretrained(llava_dir)
+
+
+@pytest.fixture(scope="session")
+def llama_engine(llama_dir):
+    return Engine.from_pretrained(llama_dir)
+
+
+@pytest.fixture(scope="session")
+def small_llava_drafter_model(tokenizer):
+    """An independent, smaller random LLaVA sharing the tokenizer (it guesses mostly wrong)."""
+    spec = TinySpec(hidden_size=32, num_layers=1, num_heads=2, num_kv_heads=1, seed=7)
+    return VisionLanguageModel(build_tiny_model(spec, tokenizer))
+
+
+@pytest.fixture(scope="session")
+def small_llama_drafter_model(tokenizer):
+    spec = TinySpec(hidden_size=32, num_layers=1, num_heads=2, num_kv_heads=1, multimodal=False, seed=8)
+    return VisionLanguageModel(build_tiny_model(spec, tokenizer))
+
+
+def hf_greedy(model: VisionLanguageModel, prompt: PromptInputs, max_new_tokens: int, eos: int | None = None) -> list[int]:
+    """The oracle: HF generate(do_sample=False) of the same target."""
+    ids = torch.tensor([model.expand_image_tokens(prompt.token_ids)])
+    kwargs = {"pixel_values": prompt.pixel_values} if prompt.pixel_values is not None else {}
+    if eos is not None:
+        kwargs["eos_token_id"] = eos
+    out = model.model.generate(
+        input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=max_new_tokens, **kwargs
+    )
+    return out[0, ids.shape[1] :].tolist()
+
+
+class ScriptedDraftSession:
+    """Drafts a known continuation, corrupting the draft at in-block index `wrong_at` (if < K)."""
+
+    def __init__(self, continuation: Sequence[int], wrong_at: int | None, vocab_size: int):
+        self.continuation = list(continuation)
+        self.wrong_at = wrong_at
+        self.vocab_size = vocab_size
+        self.emitted = 0
+
+    def prefill(self, prompt: PromptInputs, first: VerifyResult) -> None:
+        self.emitted = len(first.tokens)
+
+    def propose(self, max_tokens: int) -> DraftBlock:
+        tokens = self.continuation[self.emitted : self.emitted + max_tokens]
+        if self.wrong_at is not None and self.wrong_at < len(tokens):
+            tokens[self.wrong_at] = (tokens[self.wrong_at] + 1) % self.vocab_size
+        return DraftBlock(tuple(tokens))
+
+    def advance(self, result: VerifyResult) -> None:
+        self.emitted += len(result.tokens)
+
+    def close(self) -> None:
+        pass
+
+
+class ScriptedDrafter:
+    def __init__(self, continuation: Sequence[int], wrong_at: int | None, vocab_size: int):
+        self.args = (continuation, wrong_at, vocab_size)
+
+    def open(self, sampling) -> ScriptedDraftSession:
+        return ScriptedDraftSession(*self.args)
+
