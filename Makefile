@@ -7,9 +7,18 @@ export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: setup test demo bench clean
+PROTOS  := $(wildcard protos/speculum/v1/*.proto)
+STUBS   := speculum/v1/.generated
 
-setup: $(STAMP)
+.PHONY: setup stubs test demo serve bench clean
+
+setup: $(STAMP) $(STUBS)
+
+# Stubs are generated from protos/, never committed (tests/test_stubs.py fails on stale ones).
+stubs: $(STUBS)
+$(STUBS): $(PROTOS) $(STAMP)
+	$(BIN)/python -m speculum.stubs
+	touch $(STUBS)
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -18,13 +27,16 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install --quiet -e '.[dev]'
 	touch $(STAMP)
 
-test: $(STAMP)
+test: setup
 	$(BIN)/python -m pytest -q tests
 
-demo: $(STAMP)
+demo: setup
 	$(BIN)/python -m speculum.demo
 
-bench: $(STAMP)
+serve: setup
+	$(BIN)/speculum serve
+
+bench: setup
 	$(BIN)/python -m bench.baselines
 
 clean:

@@ -6,6 +6,8 @@ import enum
 from dataclasses import dataclass
 from pathlib import Path
 
+from transformers import AutoConfig
+
 from draft_service.ngram import NgramDrafter
 from draft_service.vlm_drafter import VlmDrafter
 from speculum.errors import InvalidArgument
@@ -35,14 +37,19 @@ class DrafterSpec:
         return cls(DrafterKind.MODEL, path)
 
 
-def load_drafter(spec: str, target: VisionLanguageModel):
-    """The Drafter for `spec`, or None to decode with the target alone."""
+def target_vocab_size(target_dir: str | Path) -> int:
+    """The target's vocabulary size, read from its config alone (no weights loaded)."""
+    return AutoConfig.from_pretrained(target_dir, local_files_only=True).get_text_config().vocab_size
+
+
+def load_drafter(spec: str, vocab_size: int, device=None):
+    """The Drafter for `spec`, or None to decode with the target alone; checks the vocabulary."""
     parsed = DrafterSpec.parse(spec)
     if parsed.kind is DrafterKind.NONE:
         return None
     if parsed.kind is DrafterKind.NGRAM:
         return NgramDrafter()
-    model = VisionLanguageModel.from_pretrained(parsed.path, target.device)
-    if model.vocab_size != target.vocab_size:
-        raise InvalidArgument("drafter", f"vocab size {model.vocab_size} differs from the target's {target.vocab_size}")
+    model = VisionLanguageModel.from_pretrained(parsed.path, device)
+    if model.vocab_size != vocab_size:
+        raise InvalidArgument("drafter", f"vocab size {model.vocab_size} differs from the target's {vocab_size}")
     return VlmDrafter(model)

@@ -6,6 +6,8 @@ sampled with the request's transforms, returning its distributions for speculati
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import torch
 
 from speculum import kv_cache
@@ -40,22 +42,18 @@ class VlmDraftSession:
         self.cached = list(prompt_ids)
         self.committed = [*prompt_ids, *first.tokens]
 
-    def propose(self, max_tokens: int) -> DraftBlock:
-        tokens: list[int] = []
-        draft_probs: list[torch.Tensor] = []
+    def propose(self, max_tokens: int) -> Iterator[DraftBlock]:
         feed = self.committed[len(self.cached) :]
         for _ in range(max_tokens):
             logits = self.model.forward(self.cache, feed, logits_for_last=1).logits[-1]  # [V]
             self.cached.extend(feed)
             if self.sampling.greedy:
-                token = int(logits.argmax())
+                token, probs = int(logits.argmax()), None
             else:
                 probs = probs_from_logits(logits, self.sampling).cpu()
                 token = sample(probs, self._generator)
-                draft_probs.append(probs)
-            tokens.append(token)
+            yield DraftBlock((token,), None if probs is None else probs.unsqueeze(0))
             feed = [token]
-        return DraftBlock(tuple(tokens), torch.stack(draft_probs) if draft_probs else None)
 
     def advance(self, result: VerifyResult) -> None:
         # Invariant: `cached` is a prefix of `committed` followed by this round's drafts.

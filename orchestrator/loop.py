@@ -2,10 +2,12 @@
 
 The same loop runs in-process and over gRPC; only the protocol implementations differ. With no
 drafter (or speculation disabled) every round verifies an empty block, i.e. plain target decoding.
+A failing drafter only costs speed: the request continues as plain target decoding.
 """
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -13,8 +15,10 @@ from dataclasses import dataclass
 from orchestrator.protocols import DraftSession, Drafter, Verifier
 from orchestrator.stopping import FinishReason, StopChecker
 from speculum.config import SamplingParams, SpeculationParams
-from speculum.records import DraftBlock, PromptInputs
+from speculum.records import DraftBlock, PromptInputs, VerifyResult, join_pieces
 from speculum.stats import SpecStats
+
+log = logging.getLogger("speculum.loop")
 
 
 @dataclass(frozen=True)
@@ -24,6 +28,57 @@ class Chunk:
     token_ids: tuple[int, ...]
     finish: FinishReason | None = None
     stats: SpecStats | None = None
+
+
+class GuardedDraft:
+    """A draft session whose failures switch the request to plain target decoding."""
+
+    def __init__(self, drafter: Drafter | None, sampling: SamplingParams):
+        self._drafter = drafter
+        self._sampling = sampling
+        self._session: DraftSession | None = None
+
+    @property
+    def active(self) -> bool:
+        return self._session is not None
+
+    def prefill(self, prompt: PromptInputs, first: VerifyResult) -> None:
+        if self._drafter is None:
+            return
+        try:
+            self._session = self._drafter.open(self._sampling)
+            self._session.prefill(prompt, first)
+        except Exception:  # a drafter fault must never fail the request
+            self._give_up("prefill")
+
+    def propose(self, max_tokens: int) -> DraftBlock:
+        if self._session is None or max_tokens <= 0:
+            return DraftBlock(())
+        try:
+            return join_pieces(list(self._session.propose(max_tokens)))
+        except Exception:
+            self._give_up("propose")
+            return DraftBlock(())
+
+    def advance(self, result: VerifyResult) -> None:
+        if self._session is None:
+            return
+        try:
+            self._session.advance(result)
+        except Exception:
+            self._give_up("advance")
+
+    def close(self) -> None:
+        session, self._session = self._session, None
+        if session is not None:
+            try:
+                session.close()
+            except Exception:
+                log.warning("closing the draft session failed", exc_info=True)
+
+    def _give_up(self, phase: str) -> None:
+        log.warning("drafter failed in %s; continuing without speculation", phase, exc_info=True)
+        self.close()
 
 
 def speculate(
@@ -43,23 +98,22 @@ def speculate(
     stats = SpecStats()
     generated: list[int] = []
     target = verifier.open(sampling)
-    draft: DraftSession | None = None
+    draft = GuardedDraft(drafter if speculation.enabled else None, sampling)
     try:
         first = target.prefill(prompt)
         decision = stop.offer(generated, first.tokens)
         generated.extend(first.tokens[: decision.keep])
         first_token_at = time.perf_counter()
         stats.ttft_s = first_token_at - started
-        if decision.finish is None and drafter is not None and speculation.enabled:
-            draft = drafter.open(sampling)
-            draft.prefill(prompt, first)
         finish = decision.finish
+        if finish is None:
+            draft.prefill(prompt, first)
         pending = tuple(generated)
         while finish is None:
             yield Chunk(pending)
-            # propose: never draft past what may still be emitted (the bonus token is always emitted)
+            # propose: never draft past what may still be emitted (the bonus token always is)
             room = sampling.max_new_tokens - len(generated) - 1
-            block = draft.propose(min(speculation.num_draft_tokens, room)) if draft else DraftBlock(())
+            block = draft.propose(min(speculation.num_draft_tokens, room))
             # verify
             result = target.verify(block)
             # accept
@@ -72,11 +126,10 @@ def speculate(
             stats.emitted_tokens += decision.keep
             finish = decision.finish
             # advance
-            if finish is None and draft:
+            if finish is None:
                 draft.advance(result)
         stats.decode_s = time.perf_counter() - first_token_at
         yield Chunk(pending, finish, stats)
     finally:
         target.close()
-        if draft:
-            draft.close()
+        draft.close()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from typing import Protocol
 
 from speculum.config import SamplingParams
@@ -28,8 +29,9 @@ class DraftSession(Protocol):
     def prefill(self, prompt: PromptInputs, first: VerifyResult) -> None:
         """Take in the prompt and the target's prefill result (first token, prompt features)."""
 
-    def propose(self, max_tokens: int) -> DraftBlock:
-        """At most `max_tokens` candidates continuing after the last committed token."""
+    def propose(self, max_tokens: int) -> Iterator[DraftBlock]:
+        """At most `max_tokens` candidates continuing after the last committed token, in pieces
+        as they are produced (an autoregressive drafter yields one token at a time)."""
 
     def advance(self, result: VerifyResult) -> None:
         """Commit the verifier's result: keep what was accepted, drop the rest."""

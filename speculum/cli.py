@@ -92,7 +92,7 @@ def generate(args: argparse.Namespace) -> int:
     if not (Path(target_dir) / "config.json").is_file():
         raise SystemExit(f"speculum: no target model at {target_dir} (give --target DIR)")
     engine = Engine.from_pretrained(target_dir)
-    engine.drafter = load_drafter(args.drafter or _default_drafter(), engine.target)
+    engine.drafter = load_drafter(args.drafter or _default_drafter(), engine.target.vocab_size, engine.target.device)
     for spec in _requests(args):
         result = engine.generate(_to_request(spec, args))
         if args.json:

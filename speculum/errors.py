@@ -25,3 +25,7 @@ class ResourceExhausted(SpeculumError):
 
 class Unavailable(SpeculumError):
     """A part of the system (drafter, verifier, encoder, cache) cannot be reached."""
+
+
+class SessionNotFound(SpeculumError):
+    """The session id is unknown: never opened, released, or expired by TTL/eviction."""

@@ -22,11 +22,13 @@ class PromptInputs:
     pixel_values: [I, 3, H, W] preprocessed images, or None.
     visual_embeds: [I, N, D] projected visual embeddings computed elsewhere (the vision encoder),
         used instead of pixel_values by the target when present.
+    drafter_latents: [I, C, D'] compressed visual latents for a feature-level drafter, or None.
     """
 
     token_ids: tuple[int, ...]
     pixel_values: torch.Tensor | None = None
     visual_embeds: torch.Tensor | None = None
+    drafter_latents: torch.Tensor | None = None
 
     @property
     def num_images(self) -> int:
@@ -61,6 +63,17 @@ class DraftBlock:
         return self.parents is None or all(p == i - 1 for i, p in enumerate(self.parents))
 
 
+def join_pieces(pieces: list[DraftBlock]) -> DraftBlock:
+    """One chain block from the pieces a drafter streamed, in order."""
+    if len(pieces) == 1:
+        return pieces[0]
+    tokens = tuple(t for piece in pieces for t in piece.tokens)
+    probs = [piece.draft_probs for piece in pieces if piece.tokens]
+    if any(p is None for p in probs) or not probs:
+        return DraftBlock(tokens)
+    return DraftBlock(tokens, torch.cat(probs))
+
+
 @dataclass(frozen=True)
 class VerifyResult:
     """What one target forward pass settled (prefill or verification).
@@ -69,13 +82,14 @@ class VerifyResult:
         just the first generated token. len(tokens) == num_accepted + 1.
     hidden: [P, D] the target's last-layer (post-norm) hidden states at the positions this pass
         committed: the whole prompt after a prefill, else the pending token and the accepted
-        drafts. Row j is the state from which the token after position j is predicted.
+        drafts. Row j is the state from which the token after position j is predicted. None when
+        the drafter does not use target features (they are then not sent over the wire).
     """
 
     num_accepted: int
     tokens: tuple[int, ...]
     next_kind: NextTokenKind
-    hidden: torch.Tensor
+    hidden: torch.Tensor | None = None
 
     def __post_init__(self) -> None:
         assert len(self.tokens) == self.num_accepted + 1, (self.tokens, self.num_accepted)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import io
 import os
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 import numpy as np
 import pytest
@@ -90,11 +90,11 @@ class ScriptedDraftSession:
     def prefill(self, prompt: PromptInputs, first: VerifyResult) -> None:
         self.emitted = len(first.tokens)
 
-    def propose(self, max_tokens: int) -> DraftBlock:
+    def propose(self, max_tokens: int) -> Iterator[DraftBlock]:
         tokens = self.continuation[self.emitted : self.emitted + max_tokens]
         if self.wrong_at is not None and self.wrong_at < len(tokens):
             tokens[self.wrong_at] = (tokens[self.wrong_at] + 1) % self.vocab_size
-        return DraftBlock(tuple(tokens))
+        yield DraftBlock(tuple(tokens))
 
     def advance(self, result: VerifyResult) -> None:
         self.emitted += len(result.tokens)

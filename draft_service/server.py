@@ -1,0 +1,93 @@
+"""The draft service: a thin gRPC servicer over a Drafter; streams each block in pieces.
+
+Sessions are evicted (LRU) when the store is full: losing a draft session only costs speed, the
+orchestrator then decodes with the target alone.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import threading
+from pathlib import Path
+
+from orchestrator.protocols import DraftSession, Drafter
+from speculum.rpc import convert
+from speculum.rpc.server import RunningServer, run_until_signal, start_server
+from speculum.rpc.settings import ServerSettings, SessionSettings
+from speculum.rpc.status import mapped
+from speculum.sessions import SessionStore
+from speculum.v1 import drafter_pb2, drafter_pb2_grpc
+from speculum.v1.session_pb2 import ReleaseResponse
+
+SERVICE_NAME = "speculum.v1.Drafter"
+DEFAULT_PORT = 50063
+
+
+class DrafterServicer(drafter_pb2_grpc.DrafterServicer):
+    def __init__(self, drafter: Drafter, sessions: SessionSettings):
+        self.drafter = drafter
+        self.sessions: SessionStore[DraftSession] = SessionStore(
+            sessions.ttl_s, sessions.max_sessions, evict_when_full=True, close=lambda s: s.close()
+        )
+        self._device = threading.Lock()
+
+    @mapped
+    def Prefill(self, request, context):
+        session = self.drafter.open(convert.session_sampling_from_proto(request.sampling))
+        with self._device:
+            session.prefill(convert.prompt_from_proto(request.prompt), convert.result_from_proto(request.first))
+        self.sessions.open(request.session_id, session)
+        return drafter_pb2.DrafterPrefillResponse(needs_hidden=False)
+
+    @mapped
+    def Draft(self, request, context):
+        with self.sessions.use(request.session_id) as session:
+            if request.HasField("advance"):
+                session.advance(convert.result_from_proto(request.advance))
+            pieces = session.propose(request.max_tokens)
+            while True:
+                with self._device:
+                    piece = next(pieces, None)
+                if piece is None:
+                    break
+                yield convert.block_to_proto(piece)
+
+    @mapped
+    def Release(self, request, context):
+        return ReleaseResponse(released=self.sessions.release(request.session_id))
+
+
+def serve(drafter: Drafter, settings: ServerSettings, sessions: SessionSettings) -> RunningServer:
+    servicer = DrafterServicer(drafter, sessions)
+    running = start_server(
+        settings,
+        [lambda server: drafter_pb2_grpc.add_DrafterServicer_to_server(servicer, server)],
+        [SERVICE_NAME],
+        servicer,
+    )
+    return running
+
+
+def main(argv: list[str] | None = None) -> None:
+    from draft_service.registry import load_drafter, target_vocab_size
+    from speculum.logs import setup_logging
+    from speculum.threads import pin_from_env
+
+    parser = argparse.ArgumentParser(description="Speculum draft service.")
+    parser.add_argument("--target", type=Path, required=True, help="the target folder (vocabulary checks)")
+    parser.add_argument("--drafter", required=True, help="ngram | DIR")
+    args = parser.parse_args(argv)
+    setup_logging("draft")
+    pin_from_env("DRAFT")
+    settings = ServerSettings.from_env("DRAFT", DEFAULT_PORT)
+    drafter = load_drafter(args.drafter, target_vocab_size(args.target))
+    if drafter is None:
+        raise SystemExit("the draft service needs a drafter (ngram or a folder), not none")
+    running = serve(drafter, settings, SessionSettings.from_env("DRAFT"))
+    logging.getLogger("speculum.draft").info("ready port=%d", running.port)
+    run_until_signal(running, settings.grace_s)
+
+
+if __name__ == "__main__":
+    main()

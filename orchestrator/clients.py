@@ -1,0 +1,132 @@
+"""gRPC clients of the verify and draft services, implementing the Verifier / Drafter protocols.
+
+Each session gets a fresh id; `close` releases it on the service (best effort: a session the
+service already dropped is fine). RPC failures surface as typed core errors.
+"""
+
+from __future__ import annotations
+
+import logging
+import uuid
+from collections.abc import Iterator
+
+import grpc
+
+from speculum.config import SamplingParams
+from speculum.records import DraftBlock, PromptInputs, VerifyResult
+from speculum.rpc import convert
+from speculum.rpc.status import error_from_rpc
+from speculum.v1 import drafter_pb2, drafter_pb2_grpc, session_pb2, verifier_pb2, verifier_pb2_grpc
+
+log = logging.getLogger("speculum.clients")
+
+
+def _release(stub, session_id: str, timeout_s: float) -> None:
+    try:
+        stub.Release(session_pb2.ReleaseRequest(session_id=session_id), timeout=timeout_s)
+    except grpc.RpcError as exc:
+        log.info("release of %s failed: %s", session_id, exc.code())
+
+
+class GrpcVerifySession:
+    def __init__(self, stub: verifier_pb2_grpc.VerifierStub, sampling: SamplingParams, return_hidden: bool,
+                 timeout_s: float):
+        self._stub = stub
+        self._sampling = sampling
+        self._return_hidden = return_hidden
+        self._timeout_s = timeout_s
+        self.session_id = f"v-{uuid.uuid4().hex}"
+        self._open = False
+
+    def prefill(self, prompt: PromptInputs) -> VerifyResult:
+        request = verifier_pb2.VerifierPrefillRequest(
+            session_id=self.session_id,
+            # the target needs either embeddings or pixels, never both
+            prompt=convert.prompt_to_proto(prompt, with_pixels=prompt.visual_embeds is None),
+            sampling=convert.session_sampling_to_proto(self._sampling),
+            return_hidden=self._return_hidden,
+        )
+        self._open = True
+        try:
+            return convert.result_from_proto(self._stub.Prefill(request, timeout=self._timeout_s))
+        except grpc.RpcError as exc:
+            raise error_from_rpc(exc) from exc
+
+    def verify(self, block: DraftBlock) -> VerifyResult:
+        request = verifier_pb2.VerifyRequest(session_id=self.session_id, block=convert.block_to_proto(block))
+        try:
+            return convert.result_from_proto(self._stub.Verify(request, timeout=self._timeout_s))
+        except grpc.RpcError as exc:
+            raise error_from_rpc(exc) from exc
+
+    def close(self) -> None:
+        if self._open:
+            self._open = False
+            _release(self._stub, self.session_id, self._timeout_s)
+
+
+class GrpcVerifier:
+    """The Verifier protocol over a verify service."""
+
+    def __init__(self, channel: grpc.Channel, return_hidden: bool = False, timeout_s: float = 60.0):
+        self._stub = verifier_pb2_grpc.VerifierStub(channel)
+        self.return_hidden = return_hidden
+        self.timeout_s = timeout_s
+
+    def open(self, sampling: SamplingParams) -> GrpcVerifySession:
+        return GrpcVerifySession(self._stub, sampling, self.return_hidden, self.timeout_s)
+
+
+class GrpcDraftSession:
+    """Folds `advance` into the next Draft call, so a round costs one drafter round trip."""
+
+    def __init__(self, stub: drafter_pb2_grpc.DrafterStub, sampling: SamplingParams, timeout_s: float):
+        self._stub = stub
+        self._sampling = sampling
+        self._timeout_s = timeout_s
+        self.session_id = f"d-{uuid.uuid4().hex}"
+        self._open = False
+        self._unsent: VerifyResult | None = None
+
+    def prefill(self, prompt: PromptInputs, first: VerifyResult) -> None:
+        request = drafter_pb2.DrafterPrefillRequest(
+            session_id=self.session_id,
+            prompt=convert.prompt_to_proto(prompt, with_embeds=False),
+            sampling=convert.session_sampling_to_proto(self._sampling),
+            first=convert.result_to_proto(first, with_hidden=first.hidden is not None),
+        )
+        self._open = True
+        try:
+            self._stub.Prefill(request, timeout=self._timeout_s)
+        except grpc.RpcError as exc:
+            raise error_from_rpc(exc) from exc
+
+    def propose(self, max_tokens: int) -> Iterator[DraftBlock]:
+        request = drafter_pb2.DraftRequest(session_id=self.session_id, max_tokens=max_tokens)
+        if self._unsent is not None:
+            request.advance.CopyFrom(convert.result_to_proto(self._unsent, with_hidden=self._unsent.hidden is not None))
+        self._unsent = None
+        try:
+            for piece in self._stub.Draft(request, timeout=self._timeout_s):
+                yield convert.block_from_proto(piece)
+        except grpc.RpcError as exc:
+            raise error_from_rpc(exc) from exc
+
+    def advance(self, result: VerifyResult) -> None:
+        self._unsent = result
+
+    def close(self) -> None:
+        if self._open:
+            self._open = False
+            _release(self._stub, self.session_id, self._timeout_s)
+
+
+class GrpcDrafter:
+    """The Drafter protocol over a draft service."""
+
+    def __init__(self, channel: grpc.Channel, timeout_s: float = 10.0):
+        self._stub = drafter_pb2_grpc.DrafterStub(channel)
+        self.timeout_s = timeout_s
+
+    def open(self, sampling: SamplingParams) -> GrpcDraftSession:
+        return GrpcDraftSession(self._stub, sampling, self.timeout_s)

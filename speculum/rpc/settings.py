@@ -1,0 +1,69 @@
+"""Service settings from the environment (the k8s ConfigMap sets the same variables)."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+
+def _int(name: str, default: int) -> int:
+    value = os.environ.get(name)
+    return default if value in (None, "") else int(value)
+
+
+def _float(name: str, default: float) -> float:
+    value = os.environ.get(name)
+    return default if value in (None, "") else float(value)
+
+
+@dataclass(frozen=True)
+class ServerSettings:
+    """Settings every internal gRPC service shares.
+
+    host / port: where to listen (port 0 picks a free one; the bound port is logged).
+    max_message_bytes: receive and send limit for one message.
+    max_workers: threads serving RPCs.
+    grace_s: graceful-shutdown grace period (k8s terminationGracePeriodSeconds must exceed it).
+    """
+
+    host: str = "127.0.0.1"
+    port: int = 0
+    max_message_bytes: int = 64 * 1024 * 1024
+    max_workers: int = 8
+    grace_s: float = 10.0
+
+    @classmethod
+    def from_env(cls, prefix: str, default_port: int = 0) -> ServerSettings:
+        """E.g. prefix VERIFY reads SPECULUM_VERIFY_HOST, SPECULUM_VERIFY_PORT, and shared limits."""
+        return cls(
+            host=os.environ.get(f"SPECULUM_{prefix}_HOST", "127.0.0.1"),
+            port=_int(f"SPECULUM_{prefix}_PORT", default_port),
+            max_message_bytes=_int("SPECULUM_MAX_MESSAGE_BYTES", cls.max_message_bytes),
+            max_workers=_int("SPECULUM_MAX_WORKERS", cls.max_workers),
+            grace_s=_float("SPECULUM_GRACE_S", cls.grace_s),
+        )
+
+    def channel_options(self) -> list[tuple[str, int]]:
+        return message_options(self.max_message_bytes)
+
+
+def message_options(max_message_bytes: int) -> list[tuple[str, int]]:
+    return [
+        ("grpc.max_receive_message_length", max_message_bytes),
+        ("grpc.max_send_message_length", max_message_bytes),
+    ]
+
+
+@dataclass(frozen=True)
+class SessionSettings:
+    """ttl_s: idle seconds before a session expires. max_sessions: beyond it, the least recently used goes."""
+
+    ttl_s: float = 300.0
+    max_sessions: int = 64
+
+    @classmethod
+    def from_env(cls, prefix: str) -> SessionSettings:
+        return cls(
+            ttl_s=_float(f"SPECULUM_{prefix}_SESSION_TTL_S", cls.ttl_s),
+            max_sessions=_int(f"SPECULUM_{prefix}_MAX_SESSIONS", cls.max_sessions),
+        )

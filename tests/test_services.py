@@ -1,0 +1,125 @@
+"""The verify and draft services over real gRPC (port 0): the loop through them is lossless.
+
+Also: sessions are released on every exit path, a dead drafter only costs speed, health and
+reflection answer, and session limits give RESOURCE_EXHAUSTED.
+"""
+
+from __future__ import annotations
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+
+from conftest import hf_greedy, png_bytes
+from draft_service import server as draft_server
+from draft_service.ngram import NgramDrafter
+from draft_service.vlm_drafter import VlmDrafter
+from orchestrator.clients import GrpcDrafter, GrpcVerifier
+from orchestrator.loop import speculate
+from orchestrator.stopping import StopChecker
+from speculum.config import SamplingParams, SpeculationParams
+from speculum.errors import ResourceExhausted
+from speculum.rpc.settings import ServerSettings, SessionSettings
+from verify_service import server as verify_server
+
+SETTINGS = ServerSettings(port=0, max_workers=4)
+
+
+@pytest.fixture(scope="module")
+def verifier_server(llava_engine):
+    running = verify_server.serve(llava_engine.target, SETTINGS, SessionSettings(ttl_s=60, max_sessions=4))
+    yield running
+    running.stop()
+
+
+@pytest.fixture(scope="module", params=["ngram", "small-vlm"])
+def drafter_server(request, small_llava_drafter_model):
+    drafter = NgramDrafter() if request.param == "ngram" else VlmDrafter(small_llava_drafter_model)
+    running = draft_server.serve(drafter, SETTINGS, SessionSettings(ttl_s=60, max_sessions=4))
+    yield running
+    running.stop()
+
+
+def channel(running) -> grpc.Channel:
+    return grpc.insecure_channel(running.address, options=SETTINGS.channel_options())
+
+
+def run(prompt, verifier, drafter, max_new=32, k=4, temperature=0.0, seed=None):
+    sampling = SamplingParams(max_new_tokens=max_new, temperature=temperature, seed=seed)
+    chunks = list(speculate(prompt, sampling, SpeculationParams(num_draft_tokens=k), verifier, drafter,
+                            StopChecker(max_new, frozenset())))
+    return [t for c in chunks for t in c.token_ids], chunks[-1].stats
+
+
+@pytest.mark.parametrize("with_image", [True, False])
+def test_greedy_through_the_services_equals_the_target(llava_engine, verifier_server, drafter_server, with_image):
+    prompt = llava_engine.prompts.build("Describe the image in detail.", [png_bytes(2)] if with_image else [])
+    tokens, stats = run(prompt, GrpcVerifier(channel(verifier_server)), GrpcDrafter(channel(drafter_server)))
+    assert tokens == hf_greedy(llava_engine.target, prompt, 32)
+    assert stats.draft_tokens > 0
+    assert len(verifier_server.servicer.sessions) == 0 and len(drafter_server.servicer.sessions) == 0
+
+
+def test_sampling_through_the_services_equals_in_process(llava_engine, verifier_server, drafter_server):
+    prompt = llava_engine.prompts.build("Say something.", [])
+    remote, _ = run(prompt, GrpcVerifier(channel(verifier_server)), GrpcDrafter(channel(drafter_server)),
+                    temperature=0.8, seed=5)
+    local, _ = run(prompt, llava_engine.verifier, drafter_server.servicer.drafter, temperature=0.8, seed=5)
+    assert remote == local
+
+
+def test_abandoned_stream_releases_both_sessions(llava_engine, verifier_server, drafter_server):
+    prompt = llava_engine.prompts.build("Count to ten.", [])
+    sampling = SamplingParams(max_new_tokens=30)
+    stream = speculate(prompt, sampling, SpeculationParams(), GrpcVerifier(channel(verifier_server)),
+                       GrpcDrafter(channel(drafter_server)), StopChecker(30, frozenset()))
+    next(stream), next(stream)
+    assert len(verifier_server.servicer.sessions) == 1 and len(drafter_server.servicer.sessions) == 1
+    stream.close()  # the client went away
+    assert len(verifier_server.servicer.sessions) == 0 and len(drafter_server.servicer.sessions) == 0
+
+
+def test_unreachable_drafter_only_costs_speed(llava_engine, verifier_server):
+    dead = grpc.insecure_channel("127.0.0.1:1")
+    prompt = llava_engine.prompts.build("Describe the image.", [png_bytes(5)])
+    tokens, stats = run(prompt, GrpcVerifier(channel(verifier_server)), GrpcDrafter(dead, timeout_s=0.5))
+    assert tokens == hf_greedy(llava_engine.target, prompt, 32)
+    assert stats.draft_tokens == 0 and stats.target_forwards == 31
+
+
+def test_drafter_stopped_mid_request(llava_engine, verifier_server, small_llava_drafter_model):
+    running = draft_server.serve(VlmDrafter(small_llava_drafter_model), SETTINGS, SessionSettings())
+    prompt = llava_engine.prompts.build("Describe the image.", [png_bytes(6)])
+    stream = speculate(prompt, SamplingParams(max_new_tokens=32), SpeculationParams(),
+                       GrpcVerifier(channel(verifier_server)), GrpcDrafter(channel(running), timeout_s=2),
+                       StopChecker(32, frozenset()))
+    tokens = list(next(stream).token_ids) + list(next(stream).token_ids)
+    running.stop()
+    tokens += [t for chunk in stream for t in chunk.token_ids]
+    assert tokens == hf_greedy(llava_engine.target, prompt, 32)
+
+
+def test_verifier_session_limit_is_resource_exhausted(llava_engine, verifier_server):
+    verifier = GrpcVerifier(channel(verifier_server))
+    prompt = llava_engine.prompts.build("Hi", [])
+    sessions = [verifier.open(SamplingParams(seed=1)) for _ in range(5)]
+    try:
+        for session in sessions[:4]:
+            session.prefill(prompt)
+        with pytest.raises(ResourceExhausted):
+            sessions[4].prefill(prompt)
+    finally:
+        for session in sessions:
+            session.close()
+    assert len(verifier_server.servicer.sessions) == 0
+
+
+@pytest.mark.parametrize("service", ["speculum.v1.Verifier", "speculum.v1.Drafter"])
+def test_health_and_reflection(verifier_server, drafter_server, service):
+    running = verifier_server if service.endswith("Verifier") else drafter_server
+    health = health_pb2_grpc.HealthStub(channel(running))
+    assert health.Check(health_pb2.HealthCheckRequest(service=service)).status == health_pb2.HealthCheckResponse.SERVING
+    reflection = reflection_pb2_grpc.ServerReflectionStub(channel(running))
+    answer = next(reflection.ServerReflectionInfo(iter([reflection_pb2.ServerReflectionRequest(list_services="")])))
+    assert service in {s.name for s in answer.list_services_response.service}

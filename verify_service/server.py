@@ -1,0 +1,95 @@
+"""The verify service: a thin gRPC servicer over TargetSession, one KV cache per session.
+
+Sessions are refused (RESOURCE_EXHAUSTED) rather than evicted when the store is full: evicting a
+verifier session would lose a request. One model pass runs at a time (the device is the bottleneck).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+
+from speculum.rpc import convert
+from speculum.rpc.server import RunningServer, run_until_signal, start_server
+from speculum.rpc.settings import ServerSettings, SessionSettings
+from speculum.rpc.status import mapped
+from speculum.sessions import SessionStore
+from speculum.v1 import verifier_pb2_grpc
+from speculum.v1.session_pb2 import ReleaseResponse
+from speculum.vlm import VisionLanguageModel
+from verify_service.target import TargetSession
+
+SERVICE_NAME = "speculum.v1.Verifier"
+DEFAULT_PORT = 50062
+
+
+@dataclass
+class _Session:
+    target: TargetSession
+    return_hidden: bool
+
+
+class VerifierServicer(verifier_pb2_grpc.VerifierServicer):
+    def __init__(self, model: VisionLanguageModel, sessions: SessionSettings):
+        self.model = model
+        self.sessions: SessionStore[_Session] = SessionStore(
+            sessions.ttl_s, sessions.max_sessions, evict_when_full=False, close=lambda s: s.target.close()
+        )
+        self._device = threading.Lock()
+
+    @mapped
+    def Prefill(self, request, context):
+        sampling = convert.session_sampling_from_proto(request.sampling)
+        session = _Session(TargetSession(self.model, sampling), request.return_hidden)
+        self.sessions.open(request.session_id, session)
+        try:
+            with self.sessions.use(request.session_id) as owned, self._device:
+                result = owned.target.prefill(convert.prompt_from_proto(request.prompt))
+        except BaseException:
+            self.sessions.release(request.session_id)
+            raise
+        return convert.result_to_proto(result, request.return_hidden)
+
+    @mapped
+    def Verify(self, request, context):
+        block = convert.block_from_proto(request.block)
+        with self.sessions.use(request.session_id) as owned, self._device:
+            result = owned.target.verify(block)
+        return convert.result_to_proto(result, owned.return_hidden)
+
+    @mapped
+    def Release(self, request, context):
+        return ReleaseResponse(released=self.sessions.release(request.session_id))
+
+
+def serve(model: VisionLanguageModel, settings: ServerSettings, sessions: SessionSettings) -> RunningServer:
+    servicer = VerifierServicer(model, sessions)
+    running = start_server(
+        settings,
+        [lambda server: verifier_pb2_grpc.add_VerifierServicer_to_server(servicer, server)],
+        [SERVICE_NAME],
+        servicer,
+    )
+    return running
+
+
+def main(argv: list[str] | None = None) -> None:
+    from speculum.logs import setup_logging
+    from speculum.threads import pin_from_env
+
+    parser = argparse.ArgumentParser(description="Speculum verify service (the target model).")
+    parser.add_argument("--target", type=Path, required=True)
+    args = parser.parse_args(argv)
+    setup_logging("verify")
+    pin_from_env("VERIFY")
+    settings = ServerSettings.from_env("VERIFY", DEFAULT_PORT)
+    running = serve(VisionLanguageModel.from_pretrained(args.target), settings, SessionSettings.from_env("VERIFY"))
+    logging.getLogger("speculum.verify").info("ready port=%d", running.port)
+    run_until_signal(running, settings.grace_s)
+
+
+if __name__ == "__main__":
+    main()
