@@ -1,4 +1,4 @@
-"""gRPC clients of the verify and draft services, implementing the Verifier / Drafter protocols.
+"""gRPC clients of the verify, draft and vision-encoder services, implementing the loop's protocols.
 
 Each session gets a fresh id; `close` releases it on the service (best effort: a session the
 service already dropped is fine). RPC failures surface as typed core errors.
@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import logging
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 
 import grpc
 
@@ -16,7 +16,17 @@ from speculum.config import SamplingParams
 from speculum.records import DraftBlock, PromptInputs, VerifyResult
 from speculum.rpc import convert
 from speculum.rpc.status import error_from_rpc
-from speculum.v1 import drafter_pb2, drafter_pb2_grpc, session_pb2, verifier_pb2, verifier_pb2_grpc
+from speculum.v1 import (
+    drafter_pb2,
+    drafter_pb2_grpc,
+    session_pb2,
+    verifier_pb2,
+    verifier_pb2_grpc,
+    vision_pb2,
+    vision_pb2_grpc,
+)
+from vision_encoder.convert import encoded_from_proto
+from vision_encoder.encoder import EncodedImage
 
 log = logging.getLogger("speculum.clients")
 
@@ -130,3 +140,18 @@ class GrpcDrafter:
 
     def open(self, sampling: SamplingParams) -> GrpcDraftSession:
         return GrpcDraftSession(self._stub, sampling, self.timeout_s)
+
+
+class GrpcImageEncoder:
+    """The ImageEncoder protocol over a vision-encoder service."""
+
+    def __init__(self, channel: grpc.Channel, timeout_s: float = 30.0):
+        self._stub = vision_pb2_grpc.VisionEncoderStub(channel)
+        self.timeout_s = timeout_s
+
+    def encode(self, images: Sequence[bytes]) -> list[EncodedImage]:
+        try:
+            response = self._stub.Encode(vision_pb2.EncodeRequest(images=list(images)), timeout=self.timeout_s)
+        except grpc.RpcError as exc:
+            raise error_from_rpc(exc) from exc
+        return [encoded_from_proto(message, i) for i, message in enumerate(response.images)]

@@ -6,22 +6,26 @@ and packs the public result fields. The CLI, the demo and the benchmarks use it.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from transformers import AutoImageProcessor, AutoTokenizer
+from transformers import AutoImageProcessor
 
 from orchestrator.loop import Chunk, speculate
-from orchestrator.prompting import PromptBuilder
-from orchestrator.protocols import Drafter
+from orchestrator.prompting import PromptBuilder, prompt_inputs
+from orchestrator.protocols import Drafter, ImageEncoder, Verifier
 from orchestrator.stopping import FinishReason, StopChecker
 from speculum.config import SamplingParams, SpeculationParams
-from speculum.errors import InvalidArgument
+from speculum.errors import InvalidArgument, Unavailable
+from speculum.model_facts import ModelFacts
 from speculum.records import PromptInputs
 from speculum.stats import SpecStats
 from speculum.vlm import VisionLanguageModel
 from verify_service.target import InProcessVerifier
+from vision_encoder.cache import CacheSettings, LocalLRUCache
+from vision_encoder.encoder import ImageEncoder as LocalImageEncoder
 
 
 @dataclass(frozen=True)
@@ -54,51 +58,66 @@ class GenerationResult:
 
 @dataclass(frozen=True)
 class PreparedRequest:
-    """A validated request: its tokenized prompt and its stop conditions."""
+    """A validated request: its prompt (images encoded), its stop conditions, when it started."""
 
     request: GenerateRequest
     prompt: PromptInputs
     prompt_tokens: int
     stop: StopChecker
+    image_cache_hits: int
+    started: float
 
 
 class Engine:
-    """Serves requests in this process."""
+    """Serves requests over any Verifier / Drafter / ImageEncoder: in-process objects or gRPC clients."""
 
-    def __init__(self, target: VisionLanguageModel, prompts: PromptBuilder, drafter: Drafter | None = None):
-        self.target = target
+    def __init__(self, facts: ModelFacts, prompts: PromptBuilder, verifier: Verifier, drafter: Drafter | None = None,
+                 encoder: ImageEncoder | None = None):
+        self.facts = facts
         self.prompts = prompts
+        self.verifier = verifier
         self.drafter = drafter
-        self.verifier = InProcessVerifier(target)
+        self.encoder = encoder
+        self.target: VisionLanguageModel | None = None  # set when the target runs in this process
 
     @classmethod
     def from_pretrained(cls, target_dir: str | Path, drafter: Drafter | None = None) -> Engine:
+        """Everything in this process: the target is the verifier; images go through a local LRU cache."""
         target = VisionLanguageModel.from_pretrained(target_dir)
-        tokenizer = AutoTokenizer.from_pretrained(target_dir, local_files_only=True)
-        image_processor = None
+        encoder = None
         if target.is_multimodal:
-            image_processor = AutoImageProcessor.from_pretrained(target_dir, local_files_only=True)
-        return cls(target, PromptBuilder(tokenizer, image_processor, target.image_token_id), drafter)
+            processor = AutoImageProcessor.from_pretrained(target_dir, local_files_only=True)
+            encoder = LocalImageEncoder(target, processor, LocalLRUCache(CacheSettings()))
+        prompts = PromptBuilder.from_pretrained(target_dir, target.facts)
+        engine = cls(target.facts, prompts, InProcessVerifier(target), drafter, encoder)
+        engine.target = target
+        return engine
 
     def prepare(self, request: GenerateRequest) -> PreparedRequest:
-        """Tokenize and validate a request against this target."""
-        prompt = self.prompts.build(request.prompt, request.images)
-        prompt_tokens = len(self.target.expand_image_tokens(prompt.token_ids))
-        if prompt_tokens + request.sampling.max_new_tokens > self.target.max_positions:
+        """Tokenize, validate and encode the images (through the cache) of a request."""
+        started = time.perf_counter()
+        token_ids = self.prompts.tokenize(request.prompt, len(request.images))
+        prompt_tokens = len(self.facts.expand_image_tokens(token_ids))
+        if prompt_tokens + request.sampling.max_new_tokens > self.facts.max_positions:
             raise InvalidArgument(
                 "sampling.max_new_tokens",
                 f"prompt ({prompt_tokens} tokens) + max_new_tokens ({request.sampling.max_new_tokens}) exceeds "
-                f"the target's context of {self.target.max_positions} tokens",
+                f"the target's context of {self.facts.max_positions} tokens",
             )
+        if request.images and self.encoder is None:
+            raise Unavailable("images: no vision encoder is configured")
+        encoded = self.encoder.encode(request.images) if request.images else []
         stop = StopChecker(
-            request.sampling.max_new_tokens, self.target.eos_token_ids, request.sampling.stop, self.prompts.decode
+            request.sampling.max_new_tokens, self.facts.eos_token_ids, request.sampling.stop, self.prompts.decode
         )
-        return PreparedRequest(request, prompt, prompt_tokens, stop)
+        hits = sum(image.cache_hit for image in encoded)
+        return PreparedRequest(request, prompt_inputs(token_ids, encoded), prompt_tokens, stop, hits, started)
 
     def stream(self, prepared: PreparedRequest) -> Iterator[Chunk]:
         """Yield the request's chunks as the loop settles them."""
         request = prepared.request
-        return speculate(prepared.prompt, request.sampling, request.speculation, self.verifier, self.drafter, prepared.stop)
+        return speculate(prepared.prompt, request.sampling, request.speculation, self.verifier, self.drafter,
+                         prepared.stop, prepared.started)
 
     def generate(self, request: GenerateRequest) -> GenerationResult:
         prepared = self.prepare(request)

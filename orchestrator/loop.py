@@ -88,12 +88,14 @@ def speculate(
     verifier: Verifier,
     drafter: Drafter | None,
     stop: StopChecker,
+    started: float | None = None,
 ) -> Iterator[Chunk]:
     """Generate for one request, yielding the tokens of each round as soon as they are settled.
 
-    Both sessions are closed on every exit path, including the consumer abandoning the stream.
+    `started` (perf_counter) is when the request arrived, for TTFT; defaults to now. Both
+    sessions are closed on every exit path, including the consumer abandoning the stream.
     """
-    started = time.perf_counter()
+    started = time.perf_counter() if started is None else started
     sampling = sampling.with_seed()
     stats = SpecStats()
     generated: list[int] = []

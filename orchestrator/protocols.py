@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from typing import Protocol
 
 from speculum.config import SamplingParams
 from speculum.records import DraftBlock, PromptInputs, VerifyResult
+from vision_encoder.encoder import EncodedImage
 
 
 class VerifySession(Protocol):
@@ -38,6 +39,11 @@ class DraftSession(Protocol):
 
     def close(self) -> None:
         """Release the session's state (idempotent)."""
+
+
+class ImageEncoder(Protocol):
+    def encode(self, images: Sequence[bytes]) -> list[EncodedImage]:
+        """One result per image, in order; InvalidArgument names a bad `images[i]`."""
 
 
 class Drafter(Protocol):

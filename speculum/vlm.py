@@ -16,6 +16,7 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM, DynamicCache, LlavaForConditionalGeneration, PreTrainedModel
 
 from speculum.errors import InvalidArgument
+from speculum.model_facts import ModelFacts
 
 
 def default_device() -> torch.device:
@@ -48,6 +49,7 @@ class VisionLanguageModel:
             self._decoder = model.model
             self._vision = None
         self._lm_head = model.lm_head
+        self.facts = ModelFacts.from_config(model.config, model.generation_config)
 
     @classmethod
     def from_pretrained(cls, path: str | Path, device: torch.device | None = None) -> VisionLanguageModel:
@@ -64,51 +66,30 @@ class VisionLanguageModel:
 
     @property
     def vocab_size(self) -> int:
-        return self.text_config.vocab_size
+        return self.facts.vocab_size
 
     @property
     def hidden_size(self) -> int:
-        return self.text_config.hidden_size
+        return self.facts.hidden_size
 
     @property
     def max_positions(self) -> int:
-        return self.text_config.max_position_embeddings
+        return self.facts.max_positions
 
     @property
     def image_token_id(self) -> int | None:
-        return self.config.image_token_id if self.is_multimodal else None
+        return self.facts.image_token_id
 
     @property
     def num_image_tokens(self) -> int:
-        """N: visual tokens per image (patch grid, plus CLS when the strategy keeps it)."""
-        if not self.is_multimodal:
-            return 0
-        vision = self.config.vision_config
-        patches = (vision.image_size // vision.patch_size) ** 2
-        return patches + (1 if self.config.vision_feature_select_strategy == "full" else 0)
-
-    @property
-    def image_size(self) -> int | None:
-        return self.config.vision_config.image_size if self.is_multimodal else None
+        return self.facts.num_image_tokens
 
     @property
     def eos_token_ids(self) -> frozenset[int]:
-        eos = getattr(self.model.generation_config, "eos_token_id", None)
-        if eos is None:
-            eos = self.text_config.eos_token_id
-        if eos is None:
-            return frozenset()
-        return frozenset(eos if isinstance(eos, (list, tuple)) else [eos])
+        return self.facts.eos_token_ids
 
-    # --- prompt embedding ---------------------------------------------------------------------
     def expand_image_tokens(self, token_ids: Sequence[int]) -> list[int]:
-        """Replace each image-token id by N of them, as the decoder expects."""
-        if not self.is_multimodal:
-            return list(token_ids)
-        expanded: list[int] = []
-        for token in token_ids:
-            expanded.extend([token] * self.num_image_tokens if token == self.image_token_id else [token])
-        return expanded
+        return self.facts.expand_image_tokens(token_ids)
 
     @torch.inference_mode()
     def encode_images(self, pixel_values: torch.Tensor) -> torch.Tensor:

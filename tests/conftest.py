@@ -110,3 +110,11 @@ class ScriptedDrafter:
     def open(self, sampling) -> ScriptedDraftSession:
         return ScriptedDraftSession(*self.args)
 
+
+
+def build_prompt(engine: Engine, text: str, images: Sequence[bytes] = ()) -> PromptInputs:
+    """The engine's own prompt for `text` and `images` (tokenized, images encoded)."""
+    from orchestrator.engine import GenerateRequest
+    from speculum.config import SamplingParams
+
+    return engine.prepare(GenerateRequest(text, list(images), SamplingParams(max_new_tokens=1))).prompt

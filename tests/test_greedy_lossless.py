@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import pytest
 
-from conftest import ScriptedDrafter, hf_greedy, png_bytes
+from conftest import ScriptedDrafter, build_prompt, hf_greedy, png_bytes
 from draft_service.ngram import NgramDrafter
 from draft_service.vlm_drafter import VlmDrafter
 from orchestrator.loop import speculate
@@ -28,7 +28,7 @@ CASES = {
 def case(request):
     engine_name, text, images = CASES[request.param]
     engine = request.getfixturevalue(engine_name)
-    prompt = engine.prompts.build(text, images)
+    prompt = build_prompt(engine, text, images)
     reference = hf_greedy(engine.target, prompt, MAX_NEW)
     drafter_model = request.getfixturevalue(
         "small_llava_drafter_model" if engine.target.is_multimodal else "small_llama_drafter_model"

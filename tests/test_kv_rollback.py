@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import hf_greedy, png_bytes
+from conftest import build_prompt, hf_greedy, png_bytes
 from speculum.config import SamplingParams
 from speculum.records import DraftBlock, PromptInputs
 from verify_service.target import TargetSession
@@ -19,7 +19,7 @@ def cache_tensors(session: TargetSession) -> list[torch.Tensor]:
 @pytest.mark.parametrize("with_image", [True, False])
 def test_cache_after_rejection_equals_fresh_prefill(llava_engine, wrong_at, with_image):
     target = llava_engine.target
-    prompt = llava_engine.prompts.build("What is in the picture?", [png_bytes(3)] if with_image else [])
+    prompt = build_prompt(llava_engine, "What is in the picture?", [png_bytes(3)] if with_image else [])
     reference = hf_greedy(target, prompt, 12)
     sampling = SamplingParams(max_new_tokens=12, seed=0)
 

@@ -11,7 +11,7 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
-from conftest import hf_greedy, png_bytes
+from conftest import build_prompt, hf_greedy, png_bytes
 from draft_service import server as draft_server
 from draft_service.ngram import NgramDrafter
 from draft_service.vlm_drafter import VlmDrafter
@@ -54,7 +54,7 @@ def run(prompt, verifier, drafter, max_new=32, k=4, temperature=0.0, seed=None):
 
 @pytest.mark.parametrize("with_image", [True, False])
 def test_greedy_through_the_services_equals_the_target(llava_engine, verifier_server, drafter_server, with_image):
-    prompt = llava_engine.prompts.build("Describe the image in detail.", [png_bytes(2)] if with_image else [])
+    prompt = build_prompt(llava_engine, "Describe the image in detail.", [png_bytes(2)] if with_image else [])
     tokens, stats = run(prompt, GrpcVerifier(channel(verifier_server)), GrpcDrafter(channel(drafter_server)))
     assert tokens == hf_greedy(llava_engine.target, prompt, 32)
     assert stats.draft_tokens > 0
@@ -62,7 +62,7 @@ def test_greedy_through_the_services_equals_the_target(llava_engine, verifier_se
 
 
 def test_sampling_through_the_services_equals_in_process(llava_engine, verifier_server, drafter_server):
-    prompt = llava_engine.prompts.build("Say something.", [])
+    prompt = build_prompt(llava_engine, "Say something.", [])
     remote, _ = run(prompt, GrpcVerifier(channel(verifier_server)), GrpcDrafter(channel(drafter_server)),
                     temperature=0.8, seed=5)
     local, _ = run(prompt, llava_engine.verifier, drafter_server.servicer.drafter, temperature=0.8, seed=5)
@@ -70,7 +70,7 @@ def test_sampling_through_the_services_equals_in_process(llava_engine, verifier_
 
 
 def test_abandoned_stream_releases_both_sessions(llava_engine, verifier_server, drafter_server):
-    prompt = llava_engine.prompts.build("Count to ten.", [])
+    prompt = build_prompt(llava_engine, "Count to ten.", [])
     sampling = SamplingParams(max_new_tokens=30)
     stream = speculate(prompt, sampling, SpeculationParams(), GrpcVerifier(channel(verifier_server)),
                        GrpcDrafter(channel(drafter_server)), StopChecker(30, frozenset()))
@@ -82,7 +82,7 @@ def test_abandoned_stream_releases_both_sessions(llava_engine, verifier_server, 
 
 def test_unreachable_drafter_only_costs_speed(llava_engine, verifier_server):
     dead = grpc.insecure_channel("127.0.0.1:1")
-    prompt = llava_engine.prompts.build("Describe the image.", [png_bytes(5)])
+    prompt = build_prompt(llava_engine, "Describe the image.", [png_bytes(5)])
     tokens, stats = run(prompt, GrpcVerifier(channel(verifier_server)), GrpcDrafter(dead, timeout_s=0.5))
     assert tokens == hf_greedy(llava_engine.target, prompt, 32)
     assert stats.draft_tokens == 0 and stats.target_forwards == 31
@@ -90,7 +90,7 @@ def test_unreachable_drafter_only_costs_speed(llava_engine, verifier_server):
 
 def test_drafter_stopped_mid_request(llava_engine, verifier_server, small_llava_drafter_model):
     running = draft_server.serve(VlmDrafter(small_llava_drafter_model), SETTINGS, SessionSettings())
-    prompt = llava_engine.prompts.build("Describe the image.", [png_bytes(6)])
+    prompt = build_prompt(llava_engine, "Describe the image.", [png_bytes(6)])
     stream = speculate(prompt, SamplingParams(max_new_tokens=32), SpeculationParams(),
                        GrpcVerifier(channel(verifier_server)), GrpcDrafter(channel(running), timeout_s=2),
                        StopChecker(32, frozenset()))
@@ -102,7 +102,7 @@ def test_drafter_stopped_mid_request(llava_engine, verifier_server, small_llava_
 
 def test_verifier_session_limit_is_resource_exhausted(llava_engine, verifier_server):
     verifier = GrpcVerifier(channel(verifier_server))
-    prompt = llava_engine.prompts.build("Hi", [])
+    prompt = build_prompt(llava_engine, "Hi", [])
     sessions = [verifier.open(SamplingParams(seed=1)) for _ in range(5)]
     try:
         for session in sessions[:4]:

@@ -54,6 +54,7 @@ def serve_encoder(encoder: ImageEncoder, settings: ServerSettings) -> RunningSer
         settings,
         register=[lambda server: vision_pb2_grpc.add_VisionEncoderServicer_to_server(servicer, server)],
         service_names=[SERVICE_NAME],
+        servicer=servicer,
     )
 
 

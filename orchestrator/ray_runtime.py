@@ -1,0 +1,69 @@
+"""Starting and stopping the local Ray Serve runtime that serves the public gRPC API."""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from orchestrator.serve_app import SERVICER_FUNCTION, OrchestratorConfig, SpeculumApp
+
+log = logging.getLogger("speculum.ray")
+APP_NAME = "speculum"
+
+
+@dataclass(frozen=True)
+class RayServeSettings:
+    """grpc_port: the public API. http_port: Serve's HTTP proxy (`/-/healthz` for probes).
+    num_replicas: orchestrator replicas. temp_dir: Ray's session files (kept out of /tmp/ray)."""
+
+    grpc_port: int
+    http_port: int
+    temp_dir: Path
+    num_replicas: int = 1
+    num_cpus: int = 2
+
+
+def start(config: OrchestratorConfig, settings: RayServeSettings) -> None:
+    """ray.init + serve.start with the gRPC proxy + deploy the app; returns when it is ready."""
+    # Before ray.init: Ray 2.60 enables token auth by default and reports usage (notes/stack.md).
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    # On a busy 2-core machine the raylet can take longer than Ray's default wait to register.
+    os.environ.setdefault("RAY_raylet_start_wait_time_s", "120")
+    import ray
+    from ray import serve
+    from ray.serve.config import gRPCOptions
+
+    settings.temp_dir.mkdir(parents=True, exist_ok=True)
+    ray.init(
+        num_cpus=settings.num_cpus,
+        include_dashboard=False,
+        object_store_memory=200 * 1024**2,
+        _temp_dir=str(settings.temp_dir),
+        log_to_driver=False,
+    )
+    serve.start(
+        http_options={"host": "127.0.0.1", "port": settings.http_port},
+        grpc_options=gRPCOptions(port=settings.grpc_port, grpc_servicer_functions=[SERVICER_FUNCTION]),
+    )
+    deployment = serve.deployment(
+        SpeculumApp,
+        name="Speculum",
+        num_replicas=settings.num_replicas,
+        ray_actor_options={"num_cpus": 0},
+        max_ongoing_requests=config.max_concurrent,
+    )
+    serve.run(deployment.bind(config), name=APP_NAME, route_prefix="/speculum")
+    log.info("public API on 127.0.0.1:%d", settings.grpc_port)
+
+
+def stop() -> None:
+    import ray
+    from ray import serve
+
+    try:
+        serve.shutdown()
+    finally:
+        ray.shutdown()

@@ -1,0 +1,133 @@
+"""The Ray Serve application behind the public gRPC API (`speculum.v1.Speculum`).
+
+A replica holds no model: it tokenizes with the target's tokenizer, then runs the speculative
+loop over gRPC clients of the verify and draft services. The loop is blocking, so each request
+steps it in a worker thread; when Serve cancels the request (client gone, deadline passed) the
+loop's generator is closed, which releases the sessions in both services.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+import uuid
+from collections.abc import AsyncIterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+import grpc
+
+from orchestrator.clients import GrpcDrafter, GrpcImageEncoder, GrpcVerifier
+from orchestrator.engine import Engine
+from orchestrator.prompting import PromptBuilder
+from orchestrator.public_api import chunk_to_proto, request_from_proto
+from speculum.errors import SpeculumError
+from speculum.model_facts import ModelFacts
+from speculum.rpc.settings import message_options
+from speculum.rpc.status import code_for
+from speculum.v1 import speculum_pb2
+
+log = logging.getLogger("speculum.orchestrator")
+SERVICER_FUNCTION = "speculum.v1.speculum_pb2_grpc.add_SpeculumServicer_to_server"
+
+
+@dataclass(frozen=True)
+class OrchestratorConfig:
+    """target_dir: the target folder (tokenizer, processor, config; weights are not loaded here).
+    verify_address / draft_address / encoder_address: host:port of the services (draft None: no
+        speculation; encoder None: the target encodes pixels itself, nothing is cached).
+    max_message_bytes: gRPC message limit towards the services.
+    verify_timeout_s / draft_timeout_s: per-RPC deadlines; a slow drafter is dropped, not waited for.
+    max_concurrent: requests one replica steps at once (one thread each)."""
+
+    target_dir: str
+    verify_address: str
+    draft_address: str | None = None
+    encoder_address: str | None = None
+    max_message_bytes: int = 64 * 1024 * 1024
+    verify_timeout_s: float = 60.0
+    draft_timeout_s: float = 5.0
+    max_concurrent: int = 16
+
+
+class SpeculumApp:
+    """The deployment class (wrapped by `serve.deployment` in `build`)."""
+
+    def __init__(self, config: OrchestratorConfig):
+        facts = ModelFacts.from_pretrained(config.target_dir)
+        options = message_options(config.max_message_bytes)
+        verifier = GrpcVerifier(grpc.insecure_channel(config.verify_address, options), timeout_s=config.verify_timeout_s)
+        drafter = None
+        if config.draft_address:
+            drafter = GrpcDrafter(grpc.insecure_channel(config.draft_address, options), timeout_s=config.draft_timeout_s)
+        encoder = None
+        if config.encoder_address:
+            encoder = GrpcImageEncoder(grpc.insecure_channel(config.encoder_address, options))
+        prompts = PromptBuilder.from_pretrained(config.target_dir, facts)
+        self.engine = Engine(facts, prompts, verifier, drafter, encoder)
+        self._threads = ThreadPoolExecutor(max_workers=config.max_concurrent, thread_name_prefix="loop")
+
+    async def Generate(self, request: speculum_pb2.GenerateRequest, grpc_context=None) -> speculum_pb2.GenerateResponse:
+        final = speculum_pb2.GenerateResponse()
+        token_ids: list[int] = []
+        text = ""
+        async for response, text in self._responses(request, grpc_context):
+            token_ids.extend(response.token_ids)
+            final = response
+        final.text = text
+        del final.token_ids[:]
+        final.token_ids.extend(token_ids)
+        return final
+
+    async def GenerateStream(self, request: speculum_pb2.GenerateRequest, grpc_context=None):
+        async for response, _ in self._responses(request, grpc_context):
+            yield response
+
+    async def _responses(self, message, grpc_context) -> AsyncIterator[tuple[speculum_pb2.GenerateResponse, str]]:
+        """Each round's message (its `text` a delta) with the whole visible text so far."""
+        request_id = message.request_id or uuid.uuid4().hex
+        loop = asyncio.get_running_loop()
+        try:
+            prepared = await loop.run_in_executor(self._threads, self.engine.prepare, request_from_proto(message))
+        except SpeculumError as exc:
+            self._fail(grpc_context, exc)
+            return
+        chunks = self.engine.stream(prepared)
+        stepping = threading.Lock()  # a generator must not be advanced and closed at once
+
+        def step():
+            with stepping:
+                return next(chunks, None)
+
+        def close():
+            with stepping:
+                chunks.close()
+
+        token_ids: list[int] = []
+        sent = ""
+        try:
+            while (chunk := await loop.run_in_executor(self._threads, step)) is not None:
+                token_ids.extend(chunk.token_ids)
+                text = prepared.stop.visible_text(self.engine.prompts.decode(token_ids), chunk.finish)
+                # Hold back a trailing partial UTF-8 character until the next token completes it.
+                stable = text if chunk.finish else text.rstrip("\ufffd")
+                delta, sent = stable[len(sent):], stable
+                response = chunk_to_proto(chunk, delta, request_id, prepared.prompt_tokens, len(token_ids))
+                if chunk.finish is not None:
+                    response.images.count = len(prepared.request.images)
+                    response.images.cache_hits = prepared.image_cache_hits
+                yield response, text
+        except SpeculumError as exc:
+            self._fail(grpc_context, exc)
+        finally:
+            # On completion, error and cancellation alike: closing the loop releases both sessions.
+            self._threads.submit(close)
+
+    @staticmethod
+    def _fail(grpc_context, exc: SpeculumError) -> None:
+        log.info("request failed: %s", exc)
+        if grpc_context is None:
+            raise exc
+        grpc_context.set_code(code_for(exc))
+        grpc_context.set_details(str(exc))

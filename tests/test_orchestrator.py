@@ -1,0 +1,137 @@
+"""The public API through a real local Ray Serve, over real verify and draft services.
+
+Greedy output through the whole stack equals the target alone (unary and streaming); bad input is
+INVALID_ARGUMENT naming the field; cancellation releases the sessions in both services.
+"""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+import grpc
+import pytest
+
+from conftest import build_prompt, hf_greedy, png_bytes
+from draft_service import server as draft_server
+from draft_service.ngram import NgramDrafter
+from orchestrator import ray_runtime
+from orchestrator.serve_app import OrchestratorConfig
+from speculum.rpc.settings import ServerSettings, SessionSettings
+from speculum.v1 import common_pb2, speculum_pb2, speculum_pb2_grpc
+from redis_server import RedisServer
+from tests_support import free_port
+from verify_service import server as verify_server
+from vision_encoder import server as encoder_server
+from vision_encoder.cache import CacheSettings
+
+SETTINGS = ServerSettings(port=0, max_workers=8)
+
+
+@pytest.fixture(scope="module")
+def redis():
+    with RedisServer() as server:
+        yield server
+
+
+@pytest.fixture(scope="module")
+def stack(llava_engine, llava_dir, redis):
+    verifier = verify_server.serve(llava_engine.target, SETTINGS, SessionSettings(max_sessions=8))
+    drafter = draft_server.serve(NgramDrafter(), SETTINGS, SessionSettings())
+    encoder = encoder_server.serve(llava_dir, SETTINGS, CacheSettings(redis_url=redis.url))
+    port = free_port()
+    config = OrchestratorConfig(str(llava_dir), verifier.address, drafter.address, encoder.address)
+    # Ray puts unix sockets under its temp dir: keep the path short (107-byte socket path limit).
+    ray_dir = Path(tempfile.mkdtemp(prefix="ray", dir="/tmp"))
+    ray_runtime.start(config, ray_runtime.RayServeSettings(port, free_port(), ray_dir))
+    channel = grpc.insecure_channel(f"127.0.0.1:{port}")
+    yield speculum_pb2_grpc.SpeculumStub(channel), verifier, drafter, encoder
+    channel.close()
+    ray_runtime.stop()
+    shutil.rmtree(ray_dir, ignore_errors=True)
+    for server in (verifier, drafter, encoder):
+        server.stop()
+
+
+def request(prompt, images=(), max_new=24, **sampling):
+    return speculum_pb2.GenerateRequest(
+        prompt=prompt, images=list(images), sampling=common_pb2.SamplingParams(max_new_tokens=max_new, **sampling)
+    )
+
+
+@pytest.mark.parametrize("with_image", [True, False])
+def test_unary_and_streaming_equal_the_target(stack, llava_engine, with_image):
+    stub, verifier, drafter, _ = stack
+    images = [png_bytes(8)] if with_image else []
+    expected = hf_greedy(llava_engine.target, build_prompt(llava_engine, "Describe the image.", images), 24)
+
+    reply = stub.Generate(request("Describe the image.", images), timeout=120)
+    assert list(reply.token_ids) == expected
+    assert reply.finish_reason == common_pb2.FINISH_REASON_LENGTH
+    assert reply.usage.completion_tokens == 24 and reply.usage.prompt_tokens > 0
+    assert reply.speculation.target_forwards > 0 and reply.speculation.mean_accepted_length >= 1
+    assert reply.text == llava_engine.prompts.decode(expected)
+
+    messages = list(stub.GenerateStream(request("Describe the image.", images), timeout=120))
+    assert [t for m in messages for t in m.token_ids] == expected
+    assert messages[-1].finish_reason == common_pb2.FINISH_REASON_LENGTH
+    assert all(m.finish_reason == common_pb2.FINISH_REASON_UNSPECIFIED for m in messages[:-1])
+    assert "".join(m.text for m in messages) == reply.text
+    assert len(verifier.servicer.sessions) == 0 and len(drafter.servicer.sessions) == 0
+
+
+@pytest.mark.parametrize(
+    "bad, field",
+    [
+        (request(""), "prompt"),
+        (request("hi", max_new=0), "sampling.max_new_tokens"),
+        (request("hi", temperature=-1.0), "sampling.temperature"),
+        (request("hi", top_p=1.5), "sampling.top_p"),
+        (request("hi", images=[b"not an image"]), "images[0]"),
+    ],
+)
+def test_bad_input_is_invalid_argument(stack, bad, field):
+    stub, *_ = stack
+    with pytest.raises(grpc.RpcError) as caught:
+        stub.Generate(bad, timeout=60)
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert field in caught.value.details()
+
+
+def test_cancelled_stream_releases_both_sessions(stack):
+    stub, verifier, drafter, _ = stack
+    call = stub.GenerateStream(request("Tell me a long story.", max_new=200), timeout=120)
+    next(call)
+    call.cancel()
+    deadline = time.monotonic() + 20
+    while (len(verifier.servicer.sessions) or len(drafter.servicer.sessions)) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert len(verifier.servicer.sessions) == 0 and len(drafter.servicer.sessions) == 0
+
+
+def test_second_request_on_an_image_is_served_from_redis(stack, redis, monkeypatch):
+    stub, _, _, encoder = stack
+    model = encoder.servicer.encoder.model
+    calls = []
+    original = model.encode_images
+    monkeypatch.setattr(model, "encode_images", lambda pixels: calls.append(len(pixels)) or original(pixels))
+    image = png_bytes(21)
+    first = stub.Generate(request("What is this?", [image], max_new=4), timeout=60)
+    second = stub.Generate(request("Describe it.", [image], max_new=4), timeout=60)
+    assert (first.images.count, first.images.cache_hits) == (1, 0)
+    assert (second.images.count, second.images.cache_hits) == (1, 1)
+    assert calls == [1]  # the vision tower ran for the first request only
+    assert any(key.startswith(b"speculum:enc:") for key in redis.client().keys("*"))
+
+
+def test_redis_down_does_not_fail_requests(stack, llava_engine, redis):
+    stub, *_ = stack
+    expected = hf_greedy(llava_engine.target, build_prompt(llava_engine, "What is this?", [png_bytes(22)]), 6)
+    redis.stop()
+    try:
+        reply = stub.Generate(request("What is this?", [png_bytes(22)], max_new=6), timeout=60)
+    finally:
+        redis.start()
+    assert list(reply.token_ids) == expected and reply.images.cache_hits == 0
