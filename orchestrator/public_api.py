@@ -58,3 +58,37 @@ def chunk_to_proto(chunk: Chunk, text: str, request_id: str, prompt_tokens: int,
         response.timing.ttft_s = stats.ttft_s
         response.timing.decode_s = stats.decode_s
     return response
+
+
+def request_to_proto(request: GenerateRequest) -> speculum_pb2.GenerateRequest:
+    """For clients (`speculum generate --server`, the demo, benchmarks)."""
+    sampling = request.sampling
+    message = speculum_pb2.GenerateRequest(prompt=request.prompt, images=list(request.images))
+    message.sampling.max_new_tokens = sampling.max_new_tokens
+    message.sampling.temperature = sampling.temperature
+    message.sampling.top_p = sampling.top_p
+    message.sampling.top_k = sampling.top_k
+    if sampling.seed is not None:
+        message.sampling.seed = sampling.seed
+    message.sampling.stop.extend(sampling.stop)
+    message.speculation.enabled = request.speculation.enabled
+    message.speculation.num_draft_tokens = request.speculation.num_draft_tokens
+    return message
+
+
+def response_json(response: speculum_pb2.GenerateResponse) -> dict:
+    """The CLI's --json object from a final (unary) response: the same fields as in-process."""
+    finish = {value: key.value for key, value in FINISH.items()}
+    return {
+        "text": response.text,
+        "token_ids": list(response.token_ids),
+        "finish_reason": finish.get(response.finish_reason, "unspecified"),
+        "usage": {"prompt_tokens": response.usage.prompt_tokens, "completion_tokens": response.usage.completion_tokens},
+        "speculation": {
+            "target_forwards": response.speculation.target_forwards,
+            "draft_tokens": response.speculation.draft_tokens,
+            "accepted_tokens": response.speculation.accepted_tokens,
+            "mean_accepted_length": round(response.speculation.mean_accepted_length, 4),
+        },
+        "timing": {"ttft_s": round(response.timing.ttft_s, 6), "decode_s": round(response.timing.decode_s, 6)},
+    }

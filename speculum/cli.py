@@ -1,4 +1,4 @@
-"""The `speculum` command line: `speculum generate` (in-process for now).
+"""The `speculum` command line: `speculum generate` (in-process or `--server`) and `speculum serve`.
 
 Parses flags into request dataclasses, runs the engine, prints text or one JSON object per
 request. Errors print one readable line naming the offending field and exit with status 2.
@@ -39,6 +39,11 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--draft-length", type=int, default=SpeculationParams().num_draft_tokens, help="K per round")
     gen.add_argument("--requests", type=Path, help="JSONL: prompt, image, max_new_tokens, temperature, seed")
     gen.add_argument("--json", action="store_true", help="print one JSON object per request")
+    gen.add_argument("--server", help="HOST:PORT of a running Speculum (default: run in-process)")
+    serve = commands.add_parser("serve", help="run the whole split stack locally until Ctrl-C")
+    serve.add_argument("--port", type=int, default=50051, help="public gRPC port")
+    serve.add_argument("--target", type=Path, default=None, help="target folder (default: the demo target)")
+    serve.add_argument("--drafter", default=None, help="ngram | DIR (default: the demo drafter, else ngram)")
     return parser
 
 
@@ -78,7 +83,62 @@ def _to_request(spec: dict, args: argparse.Namespace):
     return GenerateRequest(str(spec.get("prompt", "")), image_bytes, sampling, speculation)
 
 
+def _print(result: dict, as_json: bool) -> None:
+    if as_json:
+        print(json.dumps(result), flush=True)
+        return
+    spec, timing = result["speculation"], result["timing"]
+    print(result["text"], flush=True)
+    print(
+        f"[{result['usage']['completion_tokens']} tokens, finish={result['finish_reason']}, "
+        f"τ={spec['mean_accepted_length']:.2f}, target forwards={spec['target_forwards']}, "
+        f"ttft={timing['ttft_s'] * 1000:.0f} ms, decode={timing['decode_s']:.2f} s]",
+        file=sys.stderr,
+    )
+
+
+def generate_remote(args: argparse.Namespace) -> int:
+    import grpc
+
+    from orchestrator.public_api import request_to_proto, response_json
+    from speculum.v1 import speculum_pb2_grpc
+
+    with grpc.insecure_channel(args.server, options=[("grpc.max_send_message_length", 64 * 1024 * 1024)]) as channel:
+        stub = speculum_pb2_grpc.SpeculumStub(channel)
+        for spec in _requests(args):
+            try:
+                response = stub.Generate(request_to_proto(_to_request(spec, args)), timeout=600)
+            except grpc.RpcError as exc:
+                print(f"speculum: error: {exc.code().name}: {exc.details()}", file=sys.stderr)
+                return 2
+            _print(response_json(response), args.json)
+    return 0
+
+
+def serve(args: argparse.Namespace) -> int:
+    import signal
+    import threading
+
+    from speculum.launcher import LocalStack, StackConfig
+    from speculum.logs import setup_logging
+
+    setup_logging("launcher")
+    target_dir = args.target or demo_target_dir()
+    if not (Path(target_dir) / "config.json").is_file():
+        raise SystemExit(f"speculum: no target model at {target_dir} (give --target DIR)")
+    stopping = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stopping.set())
+    with LocalStack(StackConfig(Path(target_dir), args.drafter or _default_drafter(), args.port)) as stack:
+        print(f"speculum: ready, public gRPC API speculum.v1.Speculum on {stack.address}", flush=True)
+        stopping.wait()
+        print("speculum: shutting down", flush=True)
+    return 0
+
+
 def generate(args: argparse.Namespace) -> int:
+    if args.server:
+        return generate_remote(args)
     import torch
 
     from draft_service.registry import load_drafter
@@ -94,18 +154,7 @@ def generate(args: argparse.Namespace) -> int:
     engine = Engine.from_pretrained(target_dir)
     engine.drafter = load_drafter(args.drafter or _default_drafter(), engine.target.vocab_size, engine.target.device)
     for spec in _requests(args):
-        result = engine.generate(_to_request(spec, args))
-        if args.json:
-            print(json.dumps(result.as_json()), flush=True)
-        else:
-            stats = result.stats
-            print(result.text, flush=True)
-            print(
-                f"[{len(result.token_ids)} tokens, finish={result.finish_reason.value}, "
-                f"τ={stats.mean_accepted_length:.2f}, target forwards={stats.target_forwards}, "
-                f"ttft={stats.ttft_s * 1000:.0f} ms, decode={stats.decode_s:.2f} s]",
-                file=sys.stderr,
-            )
+        _print(engine.generate(_to_request(spec, args)).as_json(), args.json)
     return 0
 
 
@@ -113,7 +162,7 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     args = build_parser().parse_args(argv)
     try:
-        return generate(args)
+        return serve(args) if args.command == "serve" else generate(args)
     except SpeculumError as exc:
         print(f"speculum: error: {exc}", file=sys.stderr)
         return 2

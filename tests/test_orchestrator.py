@@ -21,8 +21,8 @@ from orchestrator import ray_runtime
 from orchestrator.serve_app import OrchestratorConfig
 from speculum.rpc.settings import ServerSettings, SessionSettings
 from speculum.v1 import common_pb2, speculum_pb2, speculum_pb2_grpc
-from redis_server import RedisServer
-from tests_support import free_port
+from speculum.local_redis import RedisServer
+from speculum.ports import free_port
 from verify_service import server as verify_server
 from vision_encoder import server as encoder_server
 from vision_encoder.cache import CacheSettings

@@ -27,7 +27,7 @@ from speculum.tiny import TinySpec, save_tiny_checkpoint
 from speculum.v1 import vision_pb2, vision_pb2_grpc
 from speculum.vlm import VisionLanguageModel
 from conftest import png_bytes
-from redis_server import RedisServer, redis_binary
+from speculum.local_redis import RedisServer, redis_binary
 from vision_encoder.cache import CacheSettings, LocalLRUCache, RedisEmbeddingCache, make_cache
 from vision_encoder.convert import encoded_from_proto
 from vision_encoder.encoder import ImageEncoder

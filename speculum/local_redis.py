@@ -1,12 +1,12 @@
-"""A real `redis-server` for tests: a free port, a temp dir, no persistence; stoppable and restartable.
+"""A local `redis-server` process: a free port, a temp dir, no persistence; stoppable and restartable.
 
-Tests that need it skip only when the binary is absent (`redis_binary() is None`).
+`speculum serve` starts one when the binary exists and no Redis URL is configured; tests start
+their own, isolated from any Redis already running on the machine.
 """
 
 from __future__ import annotations
 
 import shutil
-import socket
 import subprocess
 import tempfile
 import time
@@ -14,15 +14,13 @@ from pathlib import Path
 
 import redis
 
+from speculum.ports import free_port
+
 
 def redis_binary() -> str | None:
     return shutil.which("redis-server")
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 class RedisServer:

@@ -1,0 +1,162 @@
+"""`speculum serve`: the whole split stack on this machine.
+
+Starts the vision-encoder, verify and draft services as processes (verifier and drafter pinned to
+different cores when there are at least two), a local redis-server when no Redis URL is configured
+and the binary exists, and the Ray Serve app with the public gRPC API; waits until every part is
+healthy; stops everything, in reverse order, on exit.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from speculum.local_redis import RedisServer, redis_binary
+from speculum.ports import free_port
+
+log = logging.getLogger("speculum.launcher")
+
+
+@dataclass(frozen=True)
+class StackConfig:
+    """target_dir / drafter: the model pair (drafter: `ngram` or a folder).
+    port: the public API. http_port: Serve's HTTP proxy (health at /-/healthz), 0 = free port.
+    redis_url: an existing Redis; None starts a local one (or, without the binary, in-process LRU).
+    pin_cores: verifier on core 0, drafter on core 1 (when the machine has two cores or more)."""
+
+    target_dir: Path
+    drafter: str = "ngram"
+    port: int = 50051
+    http_port: int = 0
+    redis_url: str | None = None
+    pin_cores: bool = True
+    startup_timeout_s: float = 180.0
+
+
+@dataclass
+class _Service:
+    name: str
+    process: subprocess.Popen
+    address: str
+    service: str
+    log_path: Path
+
+
+@dataclass
+class LocalStack:
+    """Context manager: `with LocalStack(config) as stack: stack.address`."""
+
+    config: StackConfig
+    services: list[_Service] = field(default_factory=list)
+    redis: RedisServer | None = None
+    redis_url: str | None = None
+    workdir: Path | None = None
+    ray_started: bool = False
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.config.port}"
+
+    def __enter__(self) -> LocalStack:
+        try:
+            self.start()
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.stop()
+
+    def start(self) -> None:
+        from orchestrator import ray_runtime
+        from orchestrator.serve_app import OrchestratorConfig
+
+        # Short path: Ray keeps unix sockets under it (107-byte limit).
+        self.workdir = Path(tempfile.mkdtemp(prefix="spq", dir="/tmp"))
+        self.redis_url = self.config.redis_url or os.environ.get("SPECULUM_REDIS_URL") or None
+        if self.redis_url is None and redis_binary():
+            self.redis = RedisServer().start()
+            self.redis_url = self.redis.url
+            log.info("started redis-server at %s", self.redis_url)
+        target = str(self.config.target_dir)
+        cores = {"VERIFY": "0", "DRAFT": "1"} if self.config.pin_cores and (os.cpu_count() or 1) >= 2 else {}
+        self._spawn("encoder", "ENCODER", ["vision_encoder.server", "--target", target], "speculum.v1.VisionEncoder")
+        self._spawn("verify", "VERIFY", ["verify_service.server", "--target", target], "speculum.v1.Verifier",
+                    cores.get("VERIFY"))
+        self._spawn("draft", "DRAFT", ["draft_service.server", "--target", target, "--drafter", self.config.drafter],
+                    "speculum.v1.Drafter", cores.get("DRAFT"))
+        for service in self.services:
+            self._wait_healthy(service)
+        by_name = {s.name: s.address for s in self.services}
+        orchestrator = OrchestratorConfig(target, by_name["verify"], by_name["draft"], by_name["encoder"])
+        ray_settings = ray_runtime.RayServeSettings(
+            self.config.port, self.config.http_port or free_port(), self.workdir / "ray"
+        )
+        ray_runtime.start(orchestrator, ray_settings)
+        self.ray_started = True
+
+    def _spawn(self, name: str, prefix: str, module_args: list[str], service: str, cpus: str | None = None) -> None:
+        port = free_port()
+        env = {**os.environ, f"SPECULUM_{prefix}_PORT": str(port), "HF_HUB_OFFLINE": "1"}
+        if self.redis_url:
+            env["SPECULUM_REDIS_URL"] = self.redis_url
+        if cpus is not None:
+            env[f"SPECULUM_{prefix}_CPUS"] = cpus
+        log_path = self.workdir / f"{name}.log"
+        with log_path.open("w") as log_file:
+            process = subprocess.Popen([sys.executable, "-m", *module_args], env=env, stdout=log_file,
+                                       stderr=subprocess.STDOUT)
+        self.services.append(_Service(name, process, f"127.0.0.1:{port}", service, log_path))
+
+    def _wait_healthy(self, service: _Service) -> None:
+        deadline = time.monotonic() + self.config.startup_timeout_s
+        with grpc.insecure_channel(service.address) as channel:
+            health = health_pb2_grpc.HealthStub(channel)
+            while True:
+                if service.process.poll() is not None:
+                    tail = service.log_path.read_text()[-3000:]
+                    raise RuntimeError(f"the {service.name} service exited ({service.process.returncode}):\n{tail}")
+                try:
+                    answer = health.Check(health_pb2.HealthCheckRequest(service=service.service), timeout=1)
+                    if answer.status == health_pb2.HealthCheckResponse.SERVING:
+                        log.info("%s service healthy at %s", service.name, service.address)
+                        return
+                except grpc.RpcError:
+                    pass
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"the {service.name} service was not healthy within {self.config.startup_timeout_s} s")
+                time.sleep(0.2)
+
+    def stop(self) -> None:
+        if self.ray_started:
+            from orchestrator import ray_runtime
+
+            self.ray_started = False
+            ray_runtime.stop()
+        for service in reversed(self.services):
+            if service.process.poll() is None:
+                service.process.terminate()  # SIGTERM: graceful shutdown in the service
+        for service in reversed(self.services):
+            try:
+                service.process.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                service.process.kill()
+                service.process.wait()
+        self.services.clear()
+        if self.redis is not None:
+            self.redis.close()
+            self.redis = None
+        if self.workdir is not None:
+            shutil.rmtree(self.workdir, ignore_errors=True)
+            self.workdir = None
