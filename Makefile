@@ -37,7 +37,7 @@ serve: setup
 	$(BIN)/speculum serve
 
 bench: setup
-	$(BIN)/python -m bench.baselines
+	$(BIN)/python -m bench
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache

@@ -1,0 +1,10 @@
+"""`make bench`: every benchmark, one after the other (each measures its own pairs side by side)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+for module in ("bench.baselines", "bench.services"):
+    print(f"\n=== {module}", flush=True)
+    subprocess.run([sys.executable, "-m", module], check=True)

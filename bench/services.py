@@ -1,0 +1,127 @@
+"""The split stack vs the in-process engine, side by side in one run (issue targets in the table).
+
+Through the services: `speculum serve`'s stack, verifier pinned to core 0 and drafter to core 1.
+In-process: the same target and drafter in this process, one torch thread, pinned to core 0.
+Requests alternate between the two. Reports tokens/s of each, their ratio (target >= 0.85), the
+per-round overhead of the split in ms, and time to first token for a cached image vs a new one
+(target <= 0.6). Usage: python -m bench.services [--target DIR] [--drafter ngram|DIR] [--requests N]
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import os
+import statistics
+import tempfile
+from pathlib import Path
+
+import grpc
+import numpy as np
+import torch
+from PIL import Image
+from transformers.utils import logging as hf_logging
+
+from draft_service.registry import load_drafter
+from orchestrator.engine import Engine, GenerateRequest
+from orchestrator.public_api import request_to_proto
+from speculum.config import SamplingParams, SpeculationParams
+from speculum.launcher import LocalStack, StackConfig
+from speculum.paths import demo_drafter_dir, demo_target_dir
+from speculum.ports import free_port
+from speculum.tiny import STANDIN_TARGET, save_tiny_checkpoint
+from speculum.v1 import speculum_pb2_grpc
+
+PROMPTS = ["Describe the image in detail.", "What do you see in this picture?"]
+
+
+def _image(seed: int) -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray((np.random.default_rng(seed).random((64, 64, 3)) * 255).astype("uint8")).save(buffer, "PNG")
+    return buffer.getvalue()
+
+
+def _images(count: int, seed: int = 0) -> list[bytes]:
+    samples = sorted((demo_target_dir().parent / "samples").glob("*.png"))
+    if samples:
+        return [samples[i % len(samples)].read_bytes() for i in range(count)]
+    return [_image(seed + i) for i in range(count)]
+
+
+def run(target_dir: Path, drafter: str, requests: int, max_new_tokens: int) -> dict:
+    os.sched_setaffinity(0, {0})
+    torch.set_num_threads(1)
+    engine = Engine.from_pretrained(target_dir)
+    engine.drafter = load_drafter(drafter, engine.target.vocab_size)
+    sampling = SamplingParams(max_new_tokens=max_new_tokens)
+    image = _images(1)[0]
+    rows = {"in_process": [], "services": []}
+    with LocalStack(StackConfig(target_dir, drafter, port=free_port())) as stack:
+        stub = speculum_pb2_grpc.SpeculumStub(grpc.insecure_channel(stack.address))
+        warm = GenerateRequest(PROMPTS[0], [image], sampling)
+        engine.generate(warm), stub.Generate(request_to_proto(warm), timeout=300)
+        for index in range(requests):
+            request = GenerateRequest(PROMPTS[index % len(PROMPTS)], [image], sampling, SpeculationParams())
+            local = engine.generate(request)
+            remote = stub.Generate(request_to_proto(request), timeout=300)
+            assert list(remote.token_ids) == list(local.token_ids), "the split changed the output"
+            rows["in_process"].append((len(local.token_ids), local.stats.ttft_s + local.stats.decode_s,
+                                       local.stats.target_forwards))
+            rows["services"].append((len(remote.token_ids), remote.timing.ttft_s + remote.timing.decode_s,
+                                     remote.speculation.target_forwards))
+        ttft = {"uncached": [], "cached": []}
+        for index in range(requests):
+            fresh = _image(1000 + index)  # never seen: the encoder runs
+            for kind in ("uncached", "cached"):
+                request = GenerateRequest(PROMPTS[0], [fresh], SamplingParams(max_new_tokens=1))
+                reply = stub.Generate(request_to_proto(request), timeout=300)
+                assert reply.images.cache_hits == (kind == "cached")
+                ttft[kind].append(reply.timing.ttft_s)
+
+    def tokens_per_s(kind):
+        return statistics.median(tokens / seconds for tokens, seconds, _ in rows[kind])
+
+    overhead_ms = statistics.median(
+        (remote[1] - local[1]) / (remote[2] + 1) * 1000 for local, remote in zip(rows["in_process"], rows["services"])
+    )
+    return {
+        "in_process_tokens_per_s": tokens_per_s("in_process"),
+        "services_tokens_per_s": tokens_per_s("services"),
+        "services_over_in_process": tokens_per_s("services") / tokens_per_s("in_process"),
+        "overhead_ms_per_round": overhead_ms,
+        "ttft_uncached_ms": statistics.median(ttft["uncached"]) * 1000,
+        "ttft_cached_ms": statistics.median(ttft["cached"]) * 1000,
+        "ttft_cached_over_uncached": statistics.median(ttft["cached"]) / statistics.median(ttft["uncached"]),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--target", type=Path, help="target folder (default: the demo target, else a stand-in)")
+    parser.add_argument("--drafter", default=None, help="ngram | DIR (default: the demo drafter, else ngram)")
+    parser.add_argument("--requests", type=int, default=6)
+    parser.add_argument("--max-new-tokens", type=int, default=96)
+    parser.add_argument("--out", type=Path, default=Path("runs/bench/services.json"))
+    args = parser.parse_args()
+    hf_logging.disable_progress_bar()
+    with tempfile.TemporaryDirectory() as workdir:
+        target = args.target
+        if target is None:
+            target = demo_target_dir() if (demo_target_dir() / "config.json").is_file() else \
+                save_tiny_checkpoint(Path(workdir) / "target", STANDIN_TARGET)
+        drafter = args.drafter or (str(demo_drafter_dir()) if (demo_drafter_dir() / "config.json").is_file() else "ngram")
+        report = run(Path(target), drafter, args.requests, args.max_new_tokens)
+    print(f"split stack vs in-process: target {target}, drafter {drafter}, greedy, max_new_tokens="
+          f"{args.max_new_tokens}, {args.requests} image requests interleaved; verifier core 0, drafter core 1")
+    print(f"  tokens/s in-process {report['in_process_tokens_per_s']:.1f}, through services "
+          f"{report['services_tokens_per_s']:.1f}: ratio {report['services_over_in_process']:.2f} (target >= 0.85)")
+    print(f"  split overhead per round: {report['overhead_ms_per_round']:.1f} ms")
+    print(f"  TTFT uncached image {report['ttft_uncached_ms']:.1f} ms, cached {report['ttft_cached_ms']:.1f} ms: "
+          f"ratio {report['ttft_cached_over_uncached']:.2f} (target <= 0.6)")
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps({"target": str(target), "drafter": drafter, **report}, indent=2))
+
+
+if __name__ == "__main__":
+    main()
