@@ -24,6 +24,7 @@ from speculum.v1 import common_pb2, speculum_pb2, speculum_pb2_grpc
 from speculum.local_redis import RedisServer
 from speculum.ports import free_port
 from verify_service import server as verify_server
+from verify_service.target import TargetSession
 from vision_encoder import server as encoder_server
 from vision_encoder.cache import CacheSettings
 
@@ -100,15 +101,50 @@ def test_bad_input_is_invalid_argument(stack, bad, field):
     assert field in caught.value.details()
 
 
-def test_cancelled_stream_releases_both_sessions(stack):
+@pytest.fixture
+def slow_rounds(monkeypatch):
+    """Each verification takes >= 50 ms and is counted, so a 400-token request runs for many seconds."""
+    rounds = []
+    original = TargetSession.verify
+
+    def slow_verify(self, block):
+        rounds.append(time.monotonic())
+        time.sleep(0.05)
+        return original(self, block)
+
+    monkeypatch.setattr(TargetSession, "verify", slow_verify)
+    return rounds
+
+
+def assert_stopped_and_released(verifier, drafter, rounds):
+    """The loop stops soon after the client goes away, long before the 400 tokens, and frees both sessions."""
+    deadline = time.monotonic() + 10
+    while (len(verifier.servicer.sessions) or len(drafter.servicer.sessions)) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert len(verifier.servicer.sessions) == 0 and len(drafter.servicer.sessions) == 0
+    settled = len(rounds)
+    time.sleep(0.5)
+    assert len(rounds) == settled and settled < 60, settled
+
+
+def test_cancelled_stream_releases_both_sessions(stack, slow_rounds):
     stub, verifier, drafter, _ = stack
-    call = stub.GenerateStream(request("Tell me a long story.", max_new=200), timeout=120)
+    call = stub.GenerateStream(request("Tell me a long story.", max_new=400), timeout=120)
     next(call)
     call.cancel()
-    deadline = time.monotonic() + 20
-    while (len(verifier.servicer.sessions) or len(drafter.servicer.sessions)) and time.monotonic() < deadline:
-        time.sleep(0.2)
-    assert len(verifier.servicer.sessions) == 0 and len(drafter.servicer.sessions) == 0
+    assert_stopped_and_released(verifier, drafter, slow_rounds)
+
+
+@pytest.mark.parametrize("streaming", [True, False])
+def test_expired_deadline_releases_both_sessions(stack, slow_rounds, streaming):
+    stub, verifier, drafter, _ = stack
+    with pytest.raises(grpc.RpcError) as caught:
+        if streaming:
+            list(stub.GenerateStream(request("Tell me a long story.", max_new=400), timeout=1.0))
+        else:
+            stub.Generate(request("Tell me a long story.", max_new=400), timeout=1.0)
+    assert caught.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    assert_stopped_and_released(verifier, drafter, slow_rounds)
 
 
 def test_second_request_on_an_image_is_served_from_redis(stack, redis, monkeypatch):
@@ -135,3 +171,4 @@ def test_redis_down_does_not_fail_requests(stack, llava_engine, redis):
     finally:
         redis.start()
     assert list(reply.token_ids) == expected and reply.images.cache_hits == 0
+
