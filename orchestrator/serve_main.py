@@ -1,0 +1,55 @@
+"""The orchestrator as a container process (k8s): a local Ray runtime serving the public API.
+
+Settings from the environment (the k8s ConfigMap): SPECULUM_TARGET_DIR, SPECULUM_VERIFY_ADDRESS,
+SPECULUM_DRAFT_ADDRESS (empty: no speculation), SPECULUM_ENCODER_ADDRESS, SPECULUM_PUBLIC_PORT
+(50051), SPECULUM_HTTP_PORT (8000, Serve's /-/healthz), SPECULUM_ORCHESTRATOR_REPLICAS (1).
+Runs until SIGTERM, then shuts Ray Serve down.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import tempfile
+import threading
+from pathlib import Path
+
+from orchestrator import ray_runtime
+from orchestrator.serve_app import OrchestratorConfig
+from speculum.logs import setup_logging
+
+
+def config_from_env() -> tuple[OrchestratorConfig, ray_runtime.RayServeSettings]:
+    env = os.environ
+    config = OrchestratorConfig(
+        target_dir=env["SPECULUM_TARGET_DIR"],
+        verify_address=env["SPECULUM_VERIFY_ADDRESS"],
+        draft_address=env.get("SPECULUM_DRAFT_ADDRESS") or None,
+        encoder_address=env.get("SPECULUM_ENCODER_ADDRESS") or None,
+        max_message_bytes=int(env.get("SPECULUM_MAX_MESSAGE_BYTES", OrchestratorConfig.max_message_bytes)),
+    )
+    settings = ray_runtime.RayServeSettings(
+        grpc_port=int(env.get("SPECULUM_PUBLIC_PORT", "50051")),
+        http_port=int(env.get("SPECULUM_HTTP_PORT", "8000")),
+        temp_dir=Path(tempfile.mkdtemp(prefix="ray", dir="/tmp")),
+        num_replicas=int(env.get("SPECULUM_ORCHESTRATOR_REPLICAS", "1")),
+        num_cpus=os.cpu_count() or 2,
+    )
+    return config, settings
+
+
+def main() -> None:
+    setup_logging("orchestrator")
+    config, settings = config_from_env()
+    stopping = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stopping.set())
+    ray_runtime.start(config, settings)
+    logging.getLogger("speculum.orchestrator").info("ready port=%d", settings.grpc_port)
+    stopping.wait()
+    ray_runtime.stop()
+
+
+if __name__ == "__main__":
+    main()
