@@ -8,6 +8,8 @@ from pathlib import Path
 
 from transformers import AutoConfig
 
+from draft_service.feature.checkpoint import is_feature_drafter
+from draft_service.feature.drafter import FeatureDrafter
 from draft_service.ngram import NgramDrafter
 from draft_service.vlm_drafter import VlmDrafter
 from speculum.errors import InvalidArgument
@@ -18,6 +20,7 @@ class DrafterKind(enum.Enum):
     NONE = "none"
     NGRAM = "ngram"
     MODEL = "model"  # a folder holding a small (vision-)language model
+    FEATURE = "feature"  # a folder holding a feature drafter (EAGLE-style, MSD / FLASH) for its target
 
 
 @dataclass(frozen=True)
@@ -34,7 +37,7 @@ class DrafterSpec:
         path = Path(spec)
         if not (path / "config.json").is_file():
             raise InvalidArgument("drafter", f"expected none, ngram or a model folder with config.json, got {spec!r}")
-        return cls(DrafterKind.MODEL, path)
+        return cls(DrafterKind.FEATURE if is_feature_drafter(path) else DrafterKind.MODEL, path)
 
 
 def target_vocab_size(target_dir: str | Path) -> int:
@@ -49,6 +52,11 @@ def load_drafter(spec: str, vocab_size: int, device=None):
         return None
     if parsed.kind is DrafterKind.NGRAM:
         return NgramDrafter()
+    if parsed.kind is DrafterKind.FEATURE:  # its folder names its target; the embedding and head come from there
+        drafter = FeatureDrafter.from_pretrained(parsed.path)
+        if drafter.facts.vocab_size != vocab_size:
+            raise InvalidArgument("drafter", f"vocab size {drafter.facts.vocab_size} differs from the target's {vocab_size}")
+        return drafter
     model = VisionLanguageModel.from_pretrained(parsed.path, device)
     if model.vocab_size != vocab_size:
         raise InvalidArgument("drafter", f"vocab size {model.vocab_size} differs from the target's {vocab_size}")

@@ -1,0 +1,30 @@
+"""The Drafter protocol over a feature draft model in this process."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from draft_service.feature.checkpoint import load_checkpoint, recorded_target_dir
+from draft_service.feature.model import FeatureDraftModel
+from draft_service.feature.session import FeatureDraftSession
+from speculum.config import SamplingParams
+from speculum.model_facts import ModelFacts
+
+
+class FeatureDrafter:
+    """Opens feature-draft sessions; `facts` are the target's (image slots, vocabulary)."""
+
+    def __init__(self, model: FeatureDraftModel, facts: ModelFacts):
+        assert facts.vocab_size == model.config.vocab_size, (facts.vocab_size, model.config.vocab_size)
+        self.model = model.eval()
+        self.facts = facts
+
+    @classmethod
+    def from_pretrained(cls, drafter_dir: str | Path, target_dir: str | Path | None = None) -> FeatureDrafter:
+        """Load a checkpoint; reads only the target's configs, embedding and LM head (default: the
+        target folder recorded in the checkpoint)."""
+        target_dir = Path(target_dir) if target_dir is not None else recorded_target_dir(drafter_dir)
+        return cls(load_checkpoint(drafter_dir, target_dir), ModelFacts.from_pretrained(target_dir))
+
+    def open(self, sampling: SamplingParams) -> FeatureDraftSession:
+        return FeatureDraftSession(self.model, self.facts, sampling)

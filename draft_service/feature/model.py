@@ -1,0 +1,83 @@
+"""The feature draft model: fc over (next-token embedding, target feature) -> one Llama decoder layer
+-> predicted target feature(s) -> the target's frozen LM head.
+
+EAGLE's layout: the decoder layer has no input norm (its inputs are fc outputs, already scaled as
+target features) and there is no final norm (the predicted feature is the target's post-norm state).
+Only fc, the layer, the compressor and the semi-AR head are trained; the target's embedding and
+head are non-persistent buffers, so checkpoints never contain them.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import DynamicCache
+from transformers.models.llama.modeling_llama import LlamaDecoderLayer, LlamaRotaryEmbedding
+
+from draft_service.feature.compressor import LatentCompressor
+from draft_service.feature.config import FeatureDrafterConfig
+from draft_service.feature.semi_ar import SemiARHead
+from draft_service.feature.target_parts import TargetParts
+
+
+def causal_mask(num_new: int, num_cached: int, device: torch.device) -> torch.Tensor | None:
+    """[1, 1, T, S + T] bool mask for T new rows after S cached ones; None when SDPA needs none."""
+    if num_new == 1 or num_cached == 0:
+        return None  # one query sees everything; no cache: SDPA's own is_causal is right
+    rows = torch.arange(num_new, device=device)[:, None] + num_cached
+    cols = torch.arange(num_cached + num_new, device=device)[None, :]
+    return (cols <= rows)[None, None]
+
+
+class FeatureDraftModel(nn.Module):
+    """The trainable drafter plus the two frozen target tensors it uses."""
+
+    def __init__(self, config: FeatureDrafterConfig, parts: TargetParts):
+        super().__init__()
+        assert parts.embedding.shape == (config.vocab_size, config.hidden_size), parts.embedding.shape
+        self.config = config
+        layer_config = config.layer_config()
+        self.layer_config = layer_config
+        self.register_buffer("embedding", parts.embedding, persistent=False)  # [V, D] frozen
+        self.register_buffer("lm_head", parts.lm_head, persistent=False)  # [V, D] frozen
+        self.fc = nn.Linear(2 * config.hidden_size, config.hidden_size, bias=True)
+        self.layer = LlamaDecoderLayer(layer_config, layer_idx=0)
+        self.layer.input_layernorm = nn.Identity()
+        self.rotary = LlamaRotaryEmbedding(layer_config)
+        self.compressor = LatentCompressor(config.num_latents, config.hidden_size) if config.compress_visual else None
+        self.semi_ar = SemiARHead(config.hidden_size, config.semi_ar_k, config.semi_ar_hidden) if config.semi_ar_k > 1 else None
+
+    def new_cache(self) -> DynamicCache:
+        return DynamicCache(config=self.layer_config)
+
+    def embed(self, token_ids: torch.Tensor) -> torch.Tensor:
+        """[...] ids -> [..., D] the target's input embeddings."""
+        return F.embedding(token_ids, self.embedding)
+
+    def fuse(self, next_embeds: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
+        """fc(e_{j+1}, h_j): [..., D] and [..., D] -> [..., D] (embedding first, as EAGLE orders it)."""
+        return self.fc(torch.cat([next_embeds, hidden.to(next_embeds.dtype)], dim=-1))
+
+    def logits(self, features: torch.Tensor) -> torch.Tensor:
+        """[..., D] predicted features -> [..., V] through the target's LM head."""
+        return F.linear(features, self.lm_head)
+
+    def forward(self, inputs: torch.Tensor, cache: DynamicCache | None = None) -> torch.Tensor:
+        """inputs: [B, T, D] rows after the cache's -> features [B, T, k, D] for offsets 0..k-1.
+
+        With a cache the rows are appended to it (B = 1); without one, a whole right-padded batch runs
+        causally (padding rows come after the real ones, so real rows never see them).
+        """
+        assert inputs.dim() == 3 and inputs.shape[-1] == self.config.hidden_size, inputs.shape
+        num_cached = 0 if cache is None else cache.get_seq_length()
+        positions = torch.arange(num_cached, num_cached + inputs.shape[1], device=inputs.device)[None]
+        out = self.layer(
+            inputs,
+            attention_mask=causal_mask(inputs.shape[1], num_cached, inputs.device),
+            position_ids=positions,
+            past_key_values=cache,
+            use_cache=cache is not None,
+            position_embeddings=self.rotary(inputs, positions),
+        )
+        return out.unsqueeze(-2) if self.semi_ar is None else self.semi_ar(out)

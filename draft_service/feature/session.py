@@ -1,0 +1,100 @@
+"""One request's feature-drafter state: its KV cache, its committed rows and its chain drafting.
+
+Invariant (like the target's): the cache holds the rows of every committed position except the
+pending token's, computed from the target's real features; rows fed from the drafter's own
+predicted features are speculative and are cut off at the next `advance`. New real rows are fused
+at `advance` and run lazily by the next `propose`, in the same forward as the first draft.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import torch
+
+from draft_service.feature.context import sequence_context
+from draft_service.feature.model import FeatureDraftModel
+from draft_service.vlm_drafter import DRAFTER_SEED_OFFSET
+from speculum import kv_cache
+from speculum.config import SamplingParams
+from speculum.errors import InvalidArgument
+from speculum.model_facts import ModelFacts
+from speculum.records import DraftBlock, PromptInputs, VerifyResult
+from speculum.sampling import probs_from_logits
+
+
+class FeatureDraftSession:
+    """The DraftSession protocol for a feature drafter; chain drafting, k tokens per forward (semi-AR)."""
+
+    def __init__(self, model: FeatureDraftModel, facts: ModelFacts, sampling: SamplingParams):
+        self.model = model
+        self.facts = facts
+        self.sampling = sampling
+        self.cache = model.new_cache()
+        self._generator = torch.Generator().manual_seed((sampling.seed + DRAFTER_SEED_OFFSET) % 2**63)
+        self._real_length = 0  # cache rows computed from the target's own features
+        self._unfed: torch.Tensor | None = None  # [P, D] real rows not yet in the cache
+        self._features: torch.Tensor | None = None  # [k, D] predictions after the last real row
+
+    @property
+    def real_length(self) -> int:
+        return self._real_length
+
+    @torch.inference_mode()
+    def prefill(self, prompt: PromptInputs, first: VerifyResult) -> None:
+        if first.hidden is None:
+            raise InvalidArgument("drafter", "the feature drafter needs the target's hidden states")
+        expanded = self.facts.expand_image_tokens(prompt.token_ids)
+        tokens = torch.tensor([*expanded, *first.tokens])
+        visual = None if prompt.visual_embeds is None else prompt.visual_embeds.float()
+        latents = None if prompt.drafter_latents is None else prompt.drafter_latents.float()
+        context = sequence_context(self.model, tokens, first.hidden.float().cpu(), self.facts, len(expanded), visual,
+                                   latents)
+        self._unfed = context.inputs
+
+    @torch.inference_mode()
+    def propose(self, max_tokens: int) -> Iterator[DraftBlock]:
+        features = self.sync()
+        produced = 0
+        while produced < max_tokens:
+            width = min(len(features), max_tokens - produced)
+            block = self._choose(self.model.logits(features[:width]))
+            yield block
+            produced += width
+            if produced >= max_tokens:
+                return
+            # The drafted tokens with the features they were predicted from are the next rows.
+            rows = self.model.fuse(self.model.embed(torch.tensor(block.tokens)), features[:width])
+            features = self.model(rows[None], self.cache)[0, -1]
+
+    @torch.inference_mode()
+    def advance(self, result: VerifyResult) -> None:
+        if result.hidden is None:
+            raise InvalidArgument("drafter", "the feature drafter needs the target's hidden states")
+        assert result.hidden.shape[0] == len(result.tokens), (result.hidden.shape, result.tokens)
+        self.sync()  # rows committed earlier but never drafted from (a propose of 0 tokens)
+        kv_cache.truncate(self.cache, self._real_length)
+        # Row j pairs h_j with x_{j+1}: the pending token's row with the first accepted token, and so on.
+        self._unfed = self.model.fuse(self.model.embed(torch.tensor(result.tokens)), result.hidden.float().cpu())
+
+    @torch.inference_mode()
+    def sync(self) -> torch.Tensor:
+        """Run the unfed real rows; the cache then ends at the last real row. -> features [k, D]."""
+        kv_cache.truncate(self.cache, self._real_length)
+        if self._unfed is not None and len(self._unfed):
+            self._features = self.model(self._unfed[None], self.cache)[0, -1]
+            self._real_length += len(self._unfed)
+            self._unfed = None
+        assert self._features is not None, "prefill first"
+        return self._features
+
+    def close(self) -> None:
+        self.cache = None
+
+    def _choose(self, logits: torch.Tensor) -> DraftBlock:
+        """logits: [n, V] -> n draft tokens (argmax, or sampled with their transformed probabilities)."""
+        if self.sampling.greedy:
+            return DraftBlock(tuple(logits.argmax(dim=-1).tolist()))
+        probs = probs_from_logits(logits, self.sampling)  # [n, V]
+        tokens = torch.multinomial(probs, 1, generator=self._generator).flatten()
+        return DraftBlock(tuple(tokens.tolist()), probs)
