@@ -1,0 +1,114 @@
+"""CLI: `python -m draft_service.training --target DIR --out DIR --steps N --seed S ...`.
+
+Collects the target's features on demo-world prompts (cached in --run-dir), trains a feature
+drafter with the MSD curriculum, evaluates held-out acceptance and writes the drafter checkpoint
+to --out (its config records the target folder relative to --out, the command, seed and timings).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import shlex
+import sys
+import time
+from pathlib import Path
+
+import torch
+from transformers import AutoImageProcessor, AutoTokenizer
+
+from draft_service.feature.checkpoint import new_model, save_checkpoint
+from draft_service.feature.target_parts import load_target_parts, target_ref
+from draft_service.training.config import AnswerSource, DataConfig, OptimConfig
+from draft_service.training.demo_data import FeatureCollector
+from draft_service.training.feature_store import load_pools, save_pools
+from draft_service.training.trainer import Trainer
+from orchestrator.prompting import PromptBuilder
+from speculum.vlm import VisionLanguageModel
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m draft_service.training", description=__doc__.splitlines()[0])
+    p.add_argument("--target", required=True, help="the target folder (llava-hf layout)")
+    p.add_argument("--out", required=True, help="where to write the drafter checkpoint")
+    p.add_argument("--run-dir", default=None, help="features cache, resumable checkpoint, log (default: OUT.run)")
+    p.add_argument("--steps", type=int, default=1000)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--warmup-steps", type=int, default=50)
+    p.add_argument("--text-only-fraction", type=float, default=0.3, help="MSD stage 1 share of the steps")
+    p.add_argument("--noise", type=float, default=0.2)
+    p.add_argument("--eval-every", type=int, default=0)
+    p.add_argument("--checkpoint-every", type=int, default=200)
+    p.add_argument("--eval-k", type=int, default=4)
+    p.add_argument("--text-samples", type=int, default=200)
+    p.add_argument("--image-samples", type=int, default=600)
+    p.add_argument("--eval-samples", type=int, default=30)
+    p.add_argument("--answers", choices=[a.value for a in AnswerSource], default=AnswerSource.SELF.value)
+    p.add_argument("--max-new-tokens", type=int, default=160)
+    p.add_argument("--heads", type=int, default=4)
+    p.add_argument("--kv-heads", type=int, default=4)
+    p.add_argument("--intermediate", type=int, default=768)
+    p.add_argument("--no-decouple", action="store_true", help="fuse visual positions like text (no MSD)")
+    p.add_argument("--compress", action="store_true", help="FLASH latent compression of visual positions")
+    p.add_argument("--latents", type=int, default=8, help="C latents per image when compressing")
+    p.add_argument("--semi-ar-k", type=int, default=1, help="features predicted per drafter forward")
+    p.add_argument("--stop-after", type=int, default=None, help="train at most this many steps now (resume later)")
+    p.add_argument("--fp16", action="store_true", help="store the final weights in fp16")
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = parse_args(argv)
+    torch.set_num_threads(args.threads)
+    began = time.monotonic()
+    target_dir, out = Path(args.target), Path(args.out)
+    run_dir = Path(args.run_dir) if args.run_dir else out.with_name(out.name + ".run")
+    data = DataConfig(args.text_samples, args.image_samples, args.eval_samples, AnswerSource(args.answers),
+                      args.max_new_tokens, args.seed)
+    optim = OptimConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr, warmup_steps=args.warmup_steps,
+                        text_only_fraction=args.text_only_fraction, noise=args.noise,
+                        checkpoint_every=args.checkpoint_every, eval_every=args.eval_every, eval_k=args.eval_k,
+                        seed=args.seed)
+    ref = target_ref(target_dir, os.path.relpath(target_dir.resolve(), out.resolve()))
+
+    target = VisionLanguageModel.from_pretrained(target_dir, torch.device("cpu"))
+    store_key = json.dumps({"data": dataclasses.asdict(data), "target": ref.config_sha256}, default=str)
+    pools = load_pools(run_dir / "features.safetensors", store_key)
+    if pools is None:
+        tokenizer = AutoTokenizer.from_pretrained(target_dir, local_files_only=True)
+        processor = AutoImageProcessor.from_pretrained(target_dir, local_files_only=True) if target.is_multimodal else None
+        collector = FeatureCollector(target, PromptBuilder(tokenizer, target.image_token_id), processor, tokenizer)
+        pools = collector.pools(data)
+        save_pools(pools, run_dir / "features.safetensors", store_key)
+    features_s = time.monotonic() - began
+
+    model = new_model(ref, load_target_parts(target_dir), seed=args.seed, num_heads=args.heads,
+                      num_kv_heads=args.kv_heads, intermediate_size=args.intermediate,
+                      decouple_visual=not args.no_decouple, compress_visual=args.compress,
+                      num_latents=args.latents, semi_ar_k=args.semi_ar_k)
+    result = Trainer(model, target.facts, pools, optim, run_dir, progress=not args.quiet).run(args.stop_after)
+    final = result.evaluations[-1]
+    summary = {
+        "command": "python -m draft_service.training " + shlex.join(sys.argv[1:] if argv is None else argv),
+        "seed": args.seed,
+        "steps": result.steps,
+        "features_seconds": round(features_s, 1),
+        "train_seconds": round(result.seconds, 1),
+        "total_seconds": round(time.monotonic() - began, 1),
+        "last_loss": round(result.last_loss, 4),
+        "heldout": dataclasses.asdict(final),
+        "pools": {name: len(getattr(pools, name)) for name in ("train_text", "train_image", "eval_text", "eval_image")},
+    }
+    save_checkpoint(model, out, torch.float16 if args.fp16 else torch.float32, extra=summary)
+    print(json.dumps(summary))
+    return summary
+
+
+if __name__ == "__main__":
+    main()

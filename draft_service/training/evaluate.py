@@ -1,0 +1,59 @@
+"""Held-out acceptance: the drafter's τ at draft length k under greedy verification, by simulation.
+
+The target's greedy answer and its features were recorded once; the real draft session is then
+driven with the VerifyResults the verifier would return (the longest matching prefix, the target's
+next token, the features of the committed positions). τ counts as SpecStats does: tokens emitted
+per verification pass, bonus included, the prefill's first token excluded.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from draft_service.feature.drafter import FeatureDrafter
+from draft_service.training.features import FeatureSample
+from speculum.config import SamplingParams
+from speculum.records import PromptInputs, VerifyResult, join_pieces
+from speculum.rejection import NextTokenKind
+
+
+@dataclass(frozen=True)
+class AcceptanceReport:
+    """tau: emitted tokens per verification · rounds / emitted: their totals · acceptance: the
+    accepted share of drafted tokens · k: the draft length."""
+
+    k: int
+    tau: float
+    rounds: int
+    emitted: int
+    acceptance: float
+
+
+def simulated_tau(drafter: FeatureDrafter, samples: Sequence[FeatureSample], k: int) -> AcceptanceReport:
+    """Drive draft sessions over recorded greedy answers, as the loop would at temperature 0."""
+    rounds = emitted = drafted = accepted = 0
+    for sample in samples:
+        answer = sample.answer_ids
+        if len(answer) < 2:
+            continue
+        prompt_length = len(drafter.facts.expand_image_tokens(sample.prompt_ids))
+        session = drafter.open(SamplingParams(max_new_tokens=len(answer), seed=0))
+        prompt = PromptInputs(sample.prompt_ids, visual_embeds=sample.visual_embeds)
+        session.prefill(prompt, VerifyResult(0, (answer[0],), NextTokenKind.BONUS, sample.hidden[:prompt_length]))
+        done = 1  # answer tokens emitted so far; answer[done - 1] is the pending token
+        while done < len(answer):
+            room = min(k, len(answer) - done - 1)  # as the loop: the last token is always the verifier's
+            drafts = join_pieces(list(session.propose(room))).tokens if room > 0 else ()
+            matched = 0
+            while matched < len(drafts) and drafts[matched] == answer[done + matched]:
+                matched += 1
+            tokens = tuple(answer[done : done + matched + 1])
+            rounds, emitted = rounds + 1, emitted + len(tokens)
+            drafted, accepted = drafted + len(drafts), accepted + matched
+            hidden = sample.hidden[prompt_length + done - 1 : prompt_length + done + matched]
+            done += len(tokens)
+            if done < len(answer):
+                session.advance(VerifyResult(matched, tokens, NextTokenKind.BONUS, hidden))
+        session.close()
+    return AcceptanceReport(k, emitted / max(1, rounds), rounds, emitted, accepted / max(1, drafted))

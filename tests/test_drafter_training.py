@@ -1,0 +1,66 @@
+"""A micro-scale run of the drafter training pipeline on a tiny target: features from demo-world
+prompts, the curriculum, checkpoints, resumption, the held-out evaluation and the CLI's output."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from draft_service.feature.drafter import FeatureDrafter
+from draft_service.training.__main__ import main
+from draft_service.training.config import OptimConfig
+from draft_service.training.schedule import learning_rate, multimodal_share
+from draft_service.training.trainer import step_batch
+
+TINY_RUN = ["--steps", "6", "--batch-size", "4", "--text-samples", "3", "--image-samples", "3",
+            "--eval-samples", "2", "--max-new-tokens", "12", "--heads", "4", "--kv-heads", "2",
+            "--intermediate", "64", "--checkpoint-every", "3", "--eval-every", "3", "--warmup-steps", "2",
+            "--semi-ar-k", "2", "--compress", "--latents", "4", "--quiet", "--threads", "2"]
+
+
+def test_schedule_and_curriculum():
+    config = OptimConfig(steps=100, warmup_steps=10, text_only_fraction=0.3, lr=1e-3)
+    assert learning_rate(config, 0) == pytest.approx(1e-4) and learning_rate(config, 9) == pytest.approx(1e-3)
+    assert learning_rate(config, 99) == pytest.approx(1e-4, rel=0.05)
+    shares = [multimodal_share(config, step) for step in range(100)]
+    assert shares[:30] == [0.0] * 30 and shares[-1] == 1.0
+    assert all(a <= b for a, b in zip(shares, shares[1:]))
+
+
+def test_micro_training_run_and_resume(tmp_path, llava_dir, llava_engine):
+    out, run_dir = tmp_path / "drafter", tmp_path / "run"
+    summary = main(["--target", str(llava_dir), "--out", str(out), "--run-dir", str(run_dir), "--seed", "1", *TINY_RUN])
+    assert summary["steps"] == 6 and summary["pools"] == {"train_text": 3, "train_image": 3, "eval_text": 2, "eval_image": 2}
+    assert summary["heldout"]["image"]["tau"] >= 1.0
+    drafter = FeatureDrafter.from_pretrained(out, llava_dir)
+    assert drafter.model.config.compress_visual and drafter.model.config.semi_ar_k == 2
+    assert json.loads((out / "config.json").read_text())["meta"]["seed"] == 1
+    log = [json.loads(line) for line in (run_dir / "train_log.jsonl").read_text().splitlines()]
+    assert any("eval" in record for record in log)
+
+    # A run interrupted at step 3 and resumed reproduces the uninterrupted one (batches, noise, moments).
+    resumed = tmp_path / "resumed"
+    common = ["--target", str(llava_dir), "--out", str(resumed), "--run-dir", str(tmp_path / "resumed.run"), "--seed", "1"]
+    (tmp_path / "resumed.run").mkdir()
+    shutil.copy(run_dir / "features.safetensors", tmp_path / "resumed.run")  # the same data, not collected again
+    main([*common, *TINY_RUN, "--stop-after", "3"])
+    assert json.loads((tmp_path / "resumed.run" / "checkpoint" / "state.json").read_text())["step"] == 3
+    main([*common, *TINY_RUN])
+    full, cont = load_file(str(out / "model.safetensors")), load_file(str(resumed / "model.safetensors"))
+    assert full.keys() == cont.keys()
+    for name in full:
+        torch.testing.assert_close(full[name], cont[name], atol=1e-5, rtol=1e-4)
+
+
+def test_batches_are_a_function_of_seed_and_step(tmp_path):
+    from draft_service.training.demo_data import FeaturePools
+
+    pools = FeaturePools(list(range(5)), list(range(100, 105)), [], [])
+    config = OptimConfig(steps=10, batch_size=8, text_only_fraction=0.5)
+    assert step_batch(pools, config, 7) == step_batch(pools, config, 7)
+    assert all(item < 100 for item in step_batch(pools, config, 0))  # stage 1: text only
+    assert all(item >= 100 for item in step_batch(pools, config, 9))  # end of stage 2: all multimodal
