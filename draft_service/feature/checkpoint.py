@@ -29,7 +29,10 @@ def is_feature_drafter(folder: str | Path) -> bool:
 
 
 def read_config(folder: str | Path) -> FeatureDrafterConfig:
-    return FeatureDrafterConfig.from_dict(json.loads((Path(folder) / CONFIG_FILE).read_text()))
+    """The architecture config of a checkpoint (without its `meta`: how it was trained)."""
+    data = json.loads((Path(folder) / CONFIG_FILE).read_text())
+    data.pop("meta", None)
+    return FeatureDrafterConfig.from_dict(data)
 
 
 def recorded_target_dir(folder: str | Path) -> Path:
@@ -52,9 +55,7 @@ def save_checkpoint(model: FeatureDraftModel, folder: str | Path, dtype: torch.d
 
 def load_checkpoint(folder: str | Path, target_dir: str | Path | None = None) -> FeatureDraftModel:
     """The fp32 model from `folder`, over the embedding and head of `target_dir` (default: recorded)."""
-    data = json.loads((Path(folder) / CONFIG_FILE).read_text())
-    data.pop("meta", None)
-    config = FeatureDrafterConfig.from_dict(data)
+    config = read_config(folder)
     target_dir = Path(target_dir) if target_dir is not None else recorded_target_dir(folder)
     if config_sha256(target_dir) != config.target.config_sha256:
         raise InvalidArgument("drafter", f"{folder} was trained against another target than {target_dir}")
