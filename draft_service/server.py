@@ -17,6 +17,7 @@ from speculum.rpc.server import RunningServer, run_until_signal, start_server
 from speculum.rpc.settings import ServerSettings, SessionSettings
 from speculum.rpc.status import mapped
 from speculum.sessions import SessionStore
+from speculum.telemetry import setup_tracing, tracer
 from speculum.v1 import drafter_pb2, drafter_pb2_grpc
 from speculum.v1.session_pb2 import ReleaseResponse
 
@@ -46,12 +47,18 @@ class DrafterServicer(drafter_pb2_grpc.DrafterServicer):
             if request.HasField("advance"):
                 session.advance(convert.result_from_proto(request.advance))
             pieces = session.propose(request.max_tokens)
-            while True:
-                with self._device:
-                    piece = next(pieces, None)
-                if piece is None:
-                    break
-                yield convert.block_to_proto(piece)
+            # One span per round rather than per piece: the loop's last `next` only finds the end.
+            with tracer().start_as_current_span("speculum.drafter.propose") as span:
+                drafted = 0
+                span.set_attribute("speculum.draft_tokens", drafted)
+                while True:
+                    with self._device:
+                        piece = next(pieces, None)
+                    if piece is None:
+                        break
+                    drafted += len(piece.tokens)
+                    span.set_attribute("speculum.draft_tokens", drafted)
+                    yield convert.block_to_proto(piece)
 
     @mapped
     def Release(self, request, context):
@@ -79,6 +86,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--drafter", required=True, help="ngram | DIR")
     args = parser.parse_args(argv)
     setup_logging("draft")
+    setup_tracing("drafter")  # before the server is built: instrumentation patches grpc.server
     pin_from_env("DRAFT")
     settings = ServerSettings.from_env("DRAFT", DEFAULT_PORT)
     drafter = load_drafter(args.drafter, target_vocab_size(args.target))

@@ -1,7 +1,9 @@
 """gRPC clients of the verify, draft and vision-encoder services, implementing the loop's protocols.
 
 Each session gets a fresh id; `close` releases it on the service (best effort: a session the
-service already dropped is fine). RPC failures surface as typed core errors.
+service already dropped is fine). RPC failures surface as typed core errors. Each call runs in a
+span (encode, prefill, one per draft and verify round) under the caller's current context, which
+the instrumented channel carries to the service.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from speculum.config import SamplingParams
 from speculum.records import DraftBlock, PromptInputs, VerifyResult
 from speculum.rpc import convert
 from speculum.rpc.status import error_from_rpc
+from speculum.telemetry import tracer
 from speculum.v1 import (
     drafter_pb2,
     drafter_pb2_grpc,
@@ -57,17 +60,25 @@ class GrpcVerifySession:
             return_hidden=self._return_hidden,
         )
         self._open = True
-        try:
-            return convert.result_from_proto(self._stub.Prefill(request, timeout=self._timeout_s))
-        except grpc.RpcError as exc:
-            raise error_from_rpc(exc) from exc
+        with tracer().start_as_current_span("speculum.verify.prefill") as span:
+            span.set_attribute("speculum.images", prompt.num_images)
+            try:
+                return convert.result_from_proto(self._stub.Prefill(request, timeout=self._timeout_s))
+            except grpc.RpcError as exc:
+                raise error_from_rpc(exc) from exc
 
     def verify(self, block: DraftBlock) -> VerifyResult:
         request = verifier_pb2.VerifyRequest(session_id=self.session_id, block=convert.block_to_proto(block))
-        try:
-            return convert.result_from_proto(self._stub.Verify(request, timeout=self._timeout_s))
-        except grpc.RpcError as exc:
-            raise error_from_rpc(exc) from exc
+        with tracer().start_as_current_span("speculum.verify.round") as span:
+            span.set_attribute("speculum.draft_tokens", len(block.tokens))
+            try:
+                result = convert.result_from_proto(self._stub.Verify(request, timeout=self._timeout_s))
+            except grpc.RpcError as exc:
+                raise error_from_rpc(exc) from exc
+            span.set_attributes(
+                {"speculum.accepted_tokens": result.num_accepted, "speculum.emitted_tokens": len(result.tokens)}
+            )
+            return result
 
     def close(self) -> None:
         if self._open:
@@ -106,21 +117,30 @@ class GrpcDraftSession:
             first=convert.result_to_proto(first, with_hidden=first.hidden is not None),
         )
         self._open = True
-        try:
-            self._stub.Prefill(request, timeout=self._timeout_s)
-        except grpc.RpcError as exc:
-            raise error_from_rpc(exc) from exc
+        with tracer().start_as_current_span("speculum.draft.prefill"):
+            try:
+                self._stub.Prefill(request, timeout=self._timeout_s)
+            except grpc.RpcError as exc:
+                raise error_from_rpc(exc) from exc
 
     def propose(self, max_tokens: int) -> Iterator[DraftBlock]:
         request = drafter_pb2.DraftRequest(session_id=self.session_id, max_tokens=max_tokens)
         if self._unsent is not None:
             request.advance.CopyFrom(convert.result_to_proto(self._unsent, with_hidden=self._unsent.hidden is not None))
         self._unsent = None
-        try:
-            for piece in self._stub.Draft(request, timeout=self._timeout_s):
-                yield convert.block_from_proto(piece)
-        except grpc.RpcError as exc:
-            raise error_from_rpc(exc) from exc
+        # Current across the yields: the instrumented stream starts its RPC span on the first read.
+        # The loop drains a round in one go on one thread, so the context is detached where attached.
+        with tracer().start_as_current_span("speculum.draft.round") as span:
+            drafted = 0
+            span.set_attributes({"speculum.max_tokens": max_tokens, "speculum.draft_tokens": drafted})
+            try:
+                for piece in self._stub.Draft(request, timeout=self._timeout_s):
+                    block = convert.block_from_proto(piece)
+                    drafted += len(block.tokens)
+                    span.set_attribute("speculum.draft_tokens", drafted)
+                    yield block
+            except grpc.RpcError as exc:
+                raise error_from_rpc(exc) from exc
 
     def advance(self, result: VerifyResult) -> None:
         self._unsent = result
@@ -150,8 +170,12 @@ class GrpcImageEncoder:
         self.timeout_s = timeout_s
 
     def encode(self, images: Sequence[bytes]) -> list[EncodedImage]:
-        try:
-            response = self._stub.Encode(vision_pb2.EncodeRequest(images=list(images)), timeout=self.timeout_s)
-        except grpc.RpcError as exc:
-            raise error_from_rpc(exc) from exc
-        return [encoded_from_proto(message, i) for i, message in enumerate(response.images)]
+        with tracer().start_as_current_span("speculum.encode") as span:
+            span.set_attribute("speculum.images", len(images))
+            try:
+                response = self._stub.Encode(vision_pb2.EncodeRequest(images=list(images)), timeout=self.timeout_s)
+            except grpc.RpcError as exc:
+                raise error_from_rpc(exc) from exc
+            encoded = [encoded_from_proto(message, i) for i, message in enumerate(response.images)]
+            span.set_attribute("speculum.cache_hits", sum(image.cache_hit for image in encoded))
+            return encoded

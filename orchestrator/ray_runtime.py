@@ -37,6 +37,8 @@ def start(config: OrchestratorConfig, settings: RayServeSettings) -> None:
     from ray.serve.config import gRPCOptions
 
     settings.temp_dir.mkdir(parents=True, exist_ok=True)
+    # Replicas inherit this process's environment as it is now, OTEL_* included: that is how the
+    # orchestrator's tracing gets its endpoint (tests/test_tracing.py checks it).
     ray.init(
         num_cpus=settings.num_cpus,
         include_dashboard=False,

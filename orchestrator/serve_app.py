@@ -4,6 +4,10 @@ A replica holds no model: it tokenizes with the target's tokenizer, then runs th
 loop over gRPC clients of the verify and draft services. The loop is blocking, so each request
 steps it in a worker thread; when Serve cancels the request (client gone, deadline passed) the
 loop's generator is closed, which releases the sessions in both services.
+
+Each request runs in a `speculum.generate` span that continues the caller's trace: Serve's gRPC
+proxy forwards the public call's metadata, `traceparent` included, in `grpc_context`. The worker
+threads run under that span's context, so the clients' spans and RPCs join the same trace.
 """
 
 from __future__ import annotations
@@ -17,15 +21,19 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import grpc
+from opentelemetry import trace
+from opentelemetry.trace import Span, SpanKind, Status, StatusCode
 
 from orchestrator.clients import GrpcDrafter, GrpcImageEncoder, GrpcVerifier
 from orchestrator.engine import Engine
+from orchestrator.loop import Chunk
 from orchestrator.prompting import PromptBuilder
 from orchestrator.public_api import chunk_to_proto, request_from_proto
 from speculum.errors import SpeculumError
 from speculum.model_facts import ModelFacts
 from speculum.rpc.settings import message_options
 from speculum.rpc.status import code_for
+from speculum.telemetry import call_in_context, context_from_metadata, setup_tracing, tracer
 from speculum.v1 import speculum_pb2
 
 log = logging.getLogger("speculum.orchestrator")
@@ -55,6 +63,8 @@ class SpeculumApp:
     """The deployment class (wrapped by `serve.deployment` in `build`)."""
 
     def __init__(self, config: OrchestratorConfig):
+        # Before the channels exist: the instrumentation wraps channel creation.
+        self._tracing = setup_tracing("orchestrator")
         facts = ModelFacts.from_pretrained(config.target_dir)
         options = message_options(config.max_message_bytes)
         verifier = GrpcVerifier(grpc.insecure_channel(config.verify_address, options), timeout_s=config.verify_timeout_s)
@@ -87,22 +97,34 @@ class SpeculumApp:
     async def _responses(self, message, grpc_context) -> AsyncIterator[tuple[speculum_pb2.GenerateResponse, str]]:
         """Each round's message (its `text` a delta) with the whole visible text so far."""
         request_id = message.request_id or uuid.uuid4().hex
+        span = _request_span(request_id, grpc_context) if self._tracing else trace.INVALID_SPAN
+        in_span = trace.set_span_in_context(span)
         loop = asyncio.get_running_loop()
         try:
-            prepared = await loop.run_in_executor(self._threads, self.engine.prepare, request_from_proto(message))
+            prepared = await loop.run_in_executor(
+                self._threads, call_in_context, in_span, self.engine.prepare, request_from_proto(message)
+            )
         except SpeculumError as exc:
-            self._fail(grpc_context, exc)
+            self._fail(grpc_context, exc, span)
+            span.end()
             return
+        span.set_attributes(
+            {
+                "speculum.prompt_tokens": prepared.prompt_tokens,
+                "speculum.images": len(prepared.request.images),
+                "speculum.image_cache_hits": prepared.image_cache_hits,
+            }
+        )
         chunks = self.engine.stream(prepared)
         stepping = threading.Lock()  # a generator must not be advanced and closed at once
 
         def step():
             with stepping:
-                return next(chunks, None)
+                return call_in_context(in_span, next, chunks, None)
 
         def close():
             with stepping:
-                chunks.close()
+                call_in_context(in_span, chunks.close)
 
         token_ids: list[int] = []
         sent = ""
@@ -117,17 +139,47 @@ class SpeculumApp:
                 if chunk.finish is not None:
                     response.images.count = len(prepared.request.images)
                     response.images.cache_hits = prepared.image_cache_hits
+                    span.set_attributes(_finish_attributes(chunk, len(token_ids)))
                 yield response, text
         except SpeculumError as exc:
-            self._fail(grpc_context, exc)
+            self._fail(grpc_context, exc, span)
+        except (asyncio.CancelledError, GeneratorExit):
+            span.set_attribute("speculum.cancelled", True)
+            raise
         finally:
             # On completion, error and cancellation alike: closing the loop releases both sessions.
             self._threads.submit(close)
+            span.end()
 
     @staticmethod
-    def _fail(grpc_context, exc: SpeculumError) -> None:
+    def _fail(grpc_context, exc: SpeculumError, span: Span) -> None:
         log.info("request failed: %s", exc)
+        span.record_exception(exc)
+        span.set_status(Status(StatusCode.ERROR, str(exc)))
         if grpc_context is None:
             raise exc
         grpc_context.set_code(code_for(exc))
         grpc_context.set_details(str(exc))
+
+
+def _request_span(request_id: str, grpc_context) -> Span:
+    """The request's span, a child of the caller's span when the call carried a trace context.
+    Not made current here: the async generator may be resumed (or closed) in other contexts."""
+    metadata = grpc_context.invocation_metadata() if grpc_context is not None else ()
+    return tracer().start_span(
+        "speculum.generate",
+        context=context_from_metadata(metadata),
+        kind=SpanKind.SERVER,
+        attributes={"speculum.request_id": request_id},
+    )
+
+
+def _finish_attributes(chunk: Chunk, completion_tokens: int) -> dict[str, str | int | float]:
+    """The last chunk's outcome and speculation stats (τ = mean_accepted_length, bonus included)."""
+    attributes: dict[str, str | int | float] = {
+        "speculum.completion_tokens": completion_tokens,
+        "speculum.finish_reason": chunk.finish.value,
+    }
+    if chunk.stats is not None:
+        attributes.update({f"speculum.{key}": value for key, value in chunk.stats.speculation_fields().items()})
+    return attributes

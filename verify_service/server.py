@@ -17,6 +17,7 @@ from speculum.rpc.server import RunningServer, run_until_signal, start_server
 from speculum.rpc.settings import ServerSettings, SessionSettings
 from speculum.rpc.status import mapped
 from speculum.sessions import SessionStore
+from speculum.telemetry import setup_tracing, tracer
 from speculum.v1 import verifier_pb2_grpc
 from speculum.v1.session_pb2 import ReleaseResponse
 from speculum.vlm import VisionLanguageModel
@@ -46,7 +47,11 @@ class VerifierServicer(verifier_pb2_grpc.VerifierServicer):
         session = _Session(TargetSession(self.model, sampling), request.return_hidden)
         self.sessions.open(request.session_id, session)
         try:
-            with self.sessions.use(request.session_id) as owned, self._device:
+            with (
+                self.sessions.use(request.session_id) as owned,
+                self._device,
+                tracer().start_as_current_span("speculum.target.prefill"),
+            ):
                 result = owned.target.prefill(convert.prompt_from_proto(request.prompt))
         except BaseException:
             self.sessions.release(request.session_id)
@@ -56,8 +61,15 @@ class VerifierServicer(verifier_pb2_grpc.VerifierServicer):
     @mapped
     def Verify(self, request, context):
         block = convert.block_from_proto(request.block)
-        with self.sessions.use(request.session_id) as owned, self._device:
+        with (
+            self.sessions.use(request.session_id) as owned,
+            self._device,
+            tracer().start_as_current_span("speculum.target.verify") as span,
+        ):
             result = owned.target.verify(block)
+            span.set_attributes(
+                {"speculum.draft_tokens": len(block.tokens), "speculum.accepted_tokens": result.num_accepted}
+            )
         return convert.result_to_proto(result, owned.return_hidden)
 
     @mapped
@@ -84,6 +96,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--target", type=Path, required=True)
     args = parser.parse_args(argv)
     setup_logging("verify")
+    setup_tracing("verifier")  # before the server is built: instrumentation patches grpc.server
     pin_from_env("VERIFY")
     settings = ServerSettings.from_env("VERIFY", DEFAULT_PORT)
     running = serve(VisionLanguageModel.from_pretrained(args.target), settings, SessionSettings.from_env("VERIFY"))

@@ -12,13 +12,17 @@ import argparse
 import logging
 from pathlib import Path
 
+from opentelemetry import trace
+
 from speculum.rpc.server import RunningServer, run_until_signal, start_server
 from speculum.rpc.settings import ServerSettings
 from speculum.rpc.status import mapped
+from speculum.telemetry import setup_tracing, tracer
 from speculum.v1 import vision_pb2, vision_pb2_grpc
-from vision_encoder.cache import CacheSettings, make_cache
+from vision_encoder.cache import CacheSettings, CacheStats, EmbeddingCache, make_cache
 from vision_encoder.convert import encoded_to_proto
 from vision_encoder.encoder import ImageEncoder, LatentCompressor
+from vision_encoder.entry import ImageEncoding
 from vision_encoder.images import ImageLimits
 
 log = logging.getLogger("speculum.vision_encoder")
@@ -37,6 +41,9 @@ class VisionEncoderServicer(vision_pb2_grpc.VisionEncoderServicer):
     def Encode(self, request: vision_pb2.EncodeRequest, context) -> vision_pb2.EncodeResponse:
         result = self.encoder.encode_with_stats(list(request.images))
         stats = result.stats
+        trace.get_current_span().set_attributes(
+            {"speculum.images": stats.images, "speculum.cache_hits": stats.hits, "speculum.encoded": stats.encoded}
+        )
         log.info(
             "event=encode images=%d hits=%d encoded=%d encode_ms=%.1f",
             stats.images,
@@ -45,6 +52,30 @@ class VisionEncoderServicer(vision_pb2_grpc.VisionEncoderServicer):
             stats.encode_s * 1000,
         )
         return vision_pb2.EncodeResponse(images=[encoded_to_proto(image) for image in result.images])
+
+
+class TracedCache:
+    """An EmbeddingCache with a span per lookup and store, so a trace shows whether each image
+    came from the cache (`cache.hit`) or paid for the vision tower."""
+
+    def __init__(self, cache: EmbeddingCache):
+        self.inner = cache
+
+    def get(self, key: str) -> ImageEncoding | None:
+        with tracer().start_as_current_span("speculum.cache.lookup") as span:
+            found = self.inner.get(key)
+            span.set_attribute("cache.hit", found is not None)
+            return found
+
+    def put(self, key: str, encoding: ImageEncoding) -> None:
+        with tracer().start_as_current_span("speculum.cache.store"):
+            self.inner.put(key, encoding)
+
+    def stats(self) -> CacheStats:
+        return self.inner.stats()
+
+    def close(self) -> None:
+        self.inner.close()
 
 
 def serve_encoder(encoder: ImageEncoder, settings: ServerSettings) -> RunningServer:
@@ -66,7 +97,8 @@ def serve(
     compressor: LatentCompressor | None = None,
 ) -> RunningServer:
     """Load the target's vision side from `target_dir` and serve it; returns once the port is bound."""
-    encoder = ImageEncoder.from_pretrained(target_dir, make_cache(cache_settings), limits, compressor)
+    cache = TracedCache(make_cache(cache_settings))
+    encoder = ImageEncoder.from_pretrained(target_dir, cache, limits, compressor)
     log.info("event=encoder_ready target=%s fingerprint=%s", target_dir, encoder.fingerprint[:16])
     return serve_encoder(encoder, settings)
 
@@ -76,6 +108,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--target", required=True, type=Path, help="local llava-hf target folder")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    setup_tracing("vision-encoder")  # before the server is built: instrumentation patches grpc.server
     settings = ServerSettings.from_env("ENCODER", default_port=DEFAULT_PORT)
     running = serve(args.target, settings, CacheSettings.from_env(), ImageLimits.from_env())
     run_until_signal(running, settings.grace_s)

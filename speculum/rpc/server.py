@@ -14,6 +14,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from speculum.rpc.settings import ServerSettings
+from speculum.telemetry import flush_tracing
 
 log = logging.getLogger("speculum.rpc")
 
@@ -37,6 +38,8 @@ class RunningServer:
         for name in (*self.service_names, ""):
             self.health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
         self.server.stop(grace_s).wait()
+        # The last RPCs' spans are still buffered; a SIGKILL after this would lose them.
+        flush_tracing()
 
 
 def start_server(
