@@ -15,14 +15,16 @@ APP_NAME = "speculum"
 
 @dataclass(frozen=True)
 class RayServeSettings:
-    """grpc_port: the public API. http_port: Serve's HTTP proxy (`/-/healthz` for probes).
-    num_replicas: orchestrator replicas. temp_dir: Ray's session files (kept out of /tmp/ray)."""
+    """grpc_port: the public API. http_port / http_host: Serve's HTTP proxy (`/-/healthz` for probes;
+    0.0.0.0 in a pod so the kubelet can reach it). num_replicas: orchestrator replicas.
+    temp_dir: Ray's session files (kept out of /tmp/ray)."""
 
     grpc_port: int
     http_port: int
     temp_dir: Path
     num_replicas: int = 1
     num_cpus: int = 2
+    http_host: str = "127.0.0.1"
 
 
 def start(config: OrchestratorConfig, settings: RayServeSettings) -> None:
@@ -47,18 +49,25 @@ def start(config: OrchestratorConfig, settings: RayServeSettings) -> None:
         log_to_driver=False,
     )
     serve.start(
-        http_options={"host": "127.0.0.1", "port": settings.http_port},
+        http_options={"host": settings.http_host, "port": settings.http_port},
         grpc_options=gRPCOptions(port=settings.grpc_port, grpc_servicer_functions=[SERVICER_FUNCTION]),
     )
+    serve.run(application(config, settings.num_replicas), name=APP_NAME, route_prefix="/speculum")
+    log.info("public API on 127.0.0.1:%d", settings.grpc_port)
+
+
+def application(config: OrchestratorConfig, num_replicas: int = 1):
+    """The Serve application (also what KubeRay's RayService imports through serve_main.build_app)."""
+    from ray import serve
+
     deployment = serve.deployment(
         SpeculumApp,
         name="Speculum",
-        num_replicas=settings.num_replicas,
+        num_replicas=num_replicas,
         ray_actor_options={"num_cpus": 0},
         max_ongoing_requests=config.max_concurrent,
     )
-    serve.run(deployment.bind(config), name=APP_NAME, route_prefix="/speculum")
-    log.info("public API on 127.0.0.1:%d", settings.grpc_port)
+    return deployment.bind(config)
 
 
 def stop() -> None:

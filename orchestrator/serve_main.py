@@ -2,7 +2,8 @@
 
 Settings from the environment (the k8s ConfigMap): SPECULUM_TARGET_DIR, SPECULUM_VERIFY_ADDRESS,
 SPECULUM_DRAFT_ADDRESS (empty: no speculation), SPECULUM_ENCODER_ADDRESS, SPECULUM_PUBLIC_PORT
-(50051), SPECULUM_HTTP_PORT (8000, Serve's /-/healthz), SPECULUM_ORCHESTRATOR_REPLICAS (1).
+(50051), SPECULUM_HTTP_PORT (8000, Serve's /-/healthz), SPECULUM_HTTP_HOST (127.0.0.1; 0.0.0.0 in
+a pod), SPECULUM_ORCHESTRATOR_REPLICAS (1).
 Runs until SIGTERM, then shuts Ray Serve down.
 """
 
@@ -35,8 +36,15 @@ def config_from_env() -> tuple[OrchestratorConfig, ray_runtime.RayServeSettings]
         temp_dir=Path(tempfile.mkdtemp(prefix="ray", dir="/tmp")),
         num_replicas=int(env.get("SPECULUM_ORCHESTRATOR_REPLICAS", "1")),
         num_cpus=os.cpu_count() or 2,
+        http_host=env.get("SPECULUM_HTTP_HOST", "127.0.0.1"),
     )
     return config, settings
+
+
+def build_app(args: dict):
+    """KubeRay RayService entry (`import_path: orchestrator.serve_main:build_app`); settings from env."""
+    config, settings = config_from_env()
+    return ray_runtime.application(config, settings.num_replicas)
 
 
 def main() -> None:

@@ -566,11 +566,6 @@ def test_rayservice_is_structurally_sound():
             kubernetes_validate.validate(other, KUBERNETES_VERSION, strict=True)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="needs an application builder orchestrator.serve_main:build_app(args) (orchestrator owner); "
-    "drop this marker when it lands",
-)
 def test_rayservice_import_path_exists():
     (app,) = yaml.safe_load(_rayservice()["spec"]["serveConfigV2"])["applications"]
     module, _, attribute = app["import_path"].partition(":")
