@@ -14,6 +14,8 @@ from speculum.model_facts import ModelFacts
 class FeatureDrafter:
     """Opens feature-draft sessions; `facts` are the target's (image slots, vocabulary)."""
 
+    needs_target_features = True  # every advance consumes VerifyResult.hidden
+
     def __init__(self, model: FeatureDraftModel, facts: ModelFacts):
         assert facts.vocab_size == model.config.vocab_size, (facts.vocab_size, model.config.vocab_size)
         self.model = model.eval()
