@@ -60,6 +60,8 @@ def lookup(history: list[int], max_tokens: int, config: NgramConfig) -> list[int
 class NgramDrafter:
     """The Drafter protocol for prompt lookup."""
 
+    needs_target_features = False
+
     def __init__(self, config: NgramConfig = NgramConfig()):
         self.config = config
 

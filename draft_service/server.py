@@ -34,12 +34,18 @@ class DrafterServicer(drafter_pb2_grpc.DrafterServicer):
         self._device = threading.Lock()
 
     @mapped
+    def Info(self, request, context):
+        return drafter_pb2.DrafterInfo(
+            kind=type(self.drafter).__name__, needs_target_features=self.drafter.needs_target_features
+        )
+
+    @mapped
     def Prefill(self, request, context):
         session = self.drafter.open(convert.session_sampling_from_proto(request.sampling))
         with self._device:
             session.prefill(convert.prompt_from_proto(request.prompt), convert.result_from_proto(request.first))
         self.sessions.open(request.session_id, session)
-        return drafter_pb2.DrafterPrefillResponse(needs_hidden=False)
+        return drafter_pb2.DrafterPrefillResponse()
 
     @mapped
     def Draft(self, request, context):

@@ -71,6 +71,8 @@ class VlmDraftSession:
 class VlmDrafter:
     """The Drafter protocol over a small (vision-)language model in this process."""
 
+    needs_target_features = False
+
     def __init__(self, model: VisionLanguageModel):
         self.model = model
 

@@ -89,13 +89,12 @@ class GrpcVerifySession:
 class GrpcVerifier:
     """The Verifier protocol over a verify service."""
 
-    def __init__(self, channel: grpc.Channel, return_hidden: bool = False, timeout_s: float = 60.0):
+    def __init__(self, channel: grpc.Channel, timeout_s: float = 60.0):
         self._stub = verifier_pb2_grpc.VerifierStub(channel)
-        self.return_hidden = return_hidden
         self.timeout_s = timeout_s
 
-    def open(self, sampling: SamplingParams) -> GrpcVerifySession:
-        return GrpcVerifySession(self._stub, sampling, self.return_hidden, self.timeout_s)
+    def open(self, sampling: SamplingParams, return_features: bool = False) -> GrpcVerifySession:
+        return GrpcVerifySession(self._stub, sampling, return_features, self.timeout_s)
 
 
 class GrpcDraftSession:
@@ -112,7 +111,8 @@ class GrpcDraftSession:
     def prefill(self, prompt: PromptInputs, first: VerifyResult) -> None:
         request = drafter_pb2.DrafterPrefillRequest(
             session_id=self.session_id,
-            prompt=convert.prompt_to_proto(prompt, with_embeds=False),
+            # a feature drafter reads latents (compressed by the encoder) or else the visual embeds
+            prompt=convert.prompt_to_proto(prompt, with_embeds=prompt.drafter_latents is None),
             sampling=convert.session_sampling_to_proto(self._sampling),
             first=convert.result_to_proto(first, with_hidden=first.hidden is not None),
         )
@@ -157,6 +157,18 @@ class GrpcDrafter:
     def __init__(self, channel: grpc.Channel, timeout_s: float = 10.0):
         self._stub = drafter_pb2_grpc.DrafterStub(channel)
         self.timeout_s = timeout_s
+        self._info: drafter_pb2.DrafterInfo | None = None
+
+    @property
+    def needs_target_features(self) -> bool:
+        """Asked once; an unreachable drafter needs nothing (requests then decode without it)."""
+        if self._info is None:
+            try:
+                self._info = self._stub.Info(drafter_pb2.DrafterInfoRequest(), timeout=self.timeout_s)
+            except grpc.RpcError as exc:
+                log.warning("drafter info unavailable (%s); asking again on the next request", exc.code())
+                return False
+        return self._info.needs_target_features
 
     def open(self, sampling: SamplingParams) -> GrpcDraftSession:
         return GrpcDraftSession(self._stub, sampling, self.timeout_s)

@@ -99,8 +99,9 @@ def speculate(
     sampling = sampling.with_seed()
     stats = SpecStats()
     generated: list[int] = []
-    target = verifier.open(sampling)
-    draft = GuardedDraft(drafter if speculation.enabled else None, sampling)
+    drafter = drafter if speculation.enabled else None
+    target = verifier.open(sampling, return_features=drafter is not None and drafter.needs_target_features)
+    draft = GuardedDraft(drafter, sampling)
     try:
         first = target.prefill(prompt)
         decision = stop.offer(generated, first.tokens)

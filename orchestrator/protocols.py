@@ -22,8 +22,9 @@ class VerifySession(Protocol):
 
 
 class Verifier(Protocol):
-    def open(self, sampling: SamplingParams) -> VerifySession:
-        """A new session; `sampling.seed` is already resolved."""
+    def open(self, sampling: SamplingParams, return_features: bool = False) -> VerifySession:
+        """A new session; `sampling.seed` is already resolved. `return_features`: results carry the
+        target's hidden states (a feature-level drafter needs them; otherwise they stay home)."""
 
 
 class DraftSession(Protocol):
@@ -47,5 +48,7 @@ class ImageEncoder(Protocol):
 
 
 class Drafter(Protocol):
+    needs_target_features: bool  # whether its sessions read VerifyResult.hidden
+
     def open(self, sampling: SamplingParams) -> DraftSession:
         """A new session; `sampling.seed` is already resolved."""

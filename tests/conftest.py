@@ -104,6 +104,8 @@ class ScriptedDraftSession:
 
 
 class ScriptedDrafter:
+    needs_target_features = False
+
     def __init__(self, continuation: Sequence[int], wrong_at: int | None, vocab_size: int):
         self.args = (continuation, wrong_at, vocab_size)
 

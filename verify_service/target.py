@@ -84,5 +84,5 @@ class InProcessVerifier:
     def __init__(self, model: VisionLanguageModel):
         self.model = model
 
-    def open(self, sampling: SamplingParams) -> TargetSession:
-        return TargetSession(self.model, sampling)
+    def open(self, sampling: SamplingParams, return_features: bool = False) -> TargetSession:
+        return TargetSession(self.model, sampling)  # in-process, features cost nothing to pass
