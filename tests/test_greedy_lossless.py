@@ -16,7 +16,7 @@ from orchestrator.loop import speculate
 from orchestrator.stopping import FinishReason, StopChecker
 from speculum.config import SamplingParams, SpeculationParams
 
-MAX_NEW = 40
+MAX_NEW = 28
 CASES = {
     "llava-image": ("llava_engine", "Describe the image in detail.", [png_bytes(1)]),
     "llava-text": ("llava_engine", "Tell me a story about lists.", []),
