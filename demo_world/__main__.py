@@ -1,8 +1,9 @@
-"""CLI: `python -m demo_world build|evaluate|samples`.
+"""CLI: `python -m demo_world build|evaluate|samples|speed`.
 
 build     tokenizer -> target training (resumable from --run-dir) -> llava-hf folder at --out
 evaluate  held-out accuracy of a shipped folder, per question kind
 samples   write a few seeded sample scenes as PNG files
+speed     greedy decode speed of a target folder (ms/token, fp32) on the sample scenes
 """
 
 from __future__ import annotations
@@ -17,10 +18,11 @@ from pathlib import Path
 import torch
 
 from demo_world.config import FULL, MICRO, RecipeConfig
+from demo_world.data import build_tokenizer, prompt_ids
 from demo_world.evaluate import FACT_KINDS, evaluate, load_target
 from demo_world.model import build_image_processor, build_model, save_target
 from demo_world.scenes import render, scene_for_seed
-from demo_world.data import build_tokenizer
+from demo_world.tasks import DESCRIBE_PROMPTS
 from demo_world.train import train
 
 PRESETS = {"full": FULL, "micro": MICRO}
@@ -73,6 +75,33 @@ def samples(args: argparse.Namespace) -> None:
         render(scene_for_seed(seed, config.scenes), config.scenes).save(out / f"scene_{seed}.png")
 
 
+@torch.inference_mode()
+def speed(args: argparse.Namespace) -> None:
+    torch.set_num_threads(args.threads)
+    model, tokenizer, image_processor = load_target(Path(args.model))
+    config = PRESETS[args.preset]
+    per_token = []
+    for seed in SAMPLE_SEEDS:
+        image = render(scene_for_seed(seed, config.scenes), config.scenes)
+        ids = prompt_ids(tokenizer, DESCRIBE_PROMPTS[0], True, config.model.visual_tokens)
+        inputs = {"input_ids": torch.tensor([ids]), "attention_mask": torch.ones(1, len(ids), dtype=torch.long),
+                  "pixel_values": image_processor([image], return_tensors="pt").pixel_values}
+        # Prefill alone, then the whole generation: the difference is the decode time.
+        began = time.perf_counter()
+        model.generate(**inputs, max_new_tokens=1, do_sample=False)
+        prefill = time.perf_counter() - began
+        began = time.perf_counter()
+        out = model.generate(**inputs, max_new_tokens=args.max_new_tokens, do_sample=False)
+        total = time.perf_counter() - began
+        new = out.shape[1] - len(ids)
+        per_token.append((total - prefill) / max(1, new - 1))
+        print(f"scene_{seed}: {new} tokens, prefill {prefill * 1000:.1f} ms, "
+              f"decode {per_token[-1] * 1000:.2f} ms/token")
+    per_token.sort()
+    print(f"median greedy decode: {per_token[len(per_token) // 2] * 1000:.2f} ms/token "
+          f"({args.threads} threads, fp32)")
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m demo_world", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -90,7 +119,11 @@ def main(argv: list[str] | None = None) -> None:
     s = sub.add_parser("samples", help="write the sample scenes as PNG files")
     s.add_argument("--out", default="models/demo/samples")
     s.set_defaults(func=samples)
-    for p in (b, e, s):
+    sp = sub.add_parser("speed", help="greedy decode ms/token on the sample scenes")
+    sp.add_argument("--model", default="models/demo/target")
+    sp.add_argument("--max-new-tokens", type=int, default=200)
+    sp.set_defaults(func=speed)
+    for p in (b, e, s, sp):
         p.add_argument("--preset", choices=sorted(PRESETS), default="full")
         p.add_argument("--threads", type=int, default=2)
     args = parser.parse_args(argv)

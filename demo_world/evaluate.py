@@ -51,14 +51,10 @@ def heldout_items(config: RecipeConfig, kind: str, n: int) -> list[Sample]:
 def greedy_answer(model, tokenizer, image_processor, item: Sample, visual_tokens: int, max_new_tokens: int) -> str:
     """The model's greedy answer to `item`, decoded without special tokens and the leading space."""
     ids = prompt_ids(tokenizer, item.example.prompt, item.image is not None, visual_tokens)
-    pixels = image_processor([item.image], return_tensors="pt").pixel_values if item.image is not None else None
-    out = model.generate(
-        input_ids=torch.tensor([ids]),
-        attention_mask=torch.ones(1, len(ids), dtype=torch.long),
-        pixel_values=pixels,
-        max_new_tokens=max_new_tokens,
-        do_sample=False,
-    )
+    inputs = {"input_ids": torch.tensor([ids]), "attention_mask": torch.ones(1, len(ids), dtype=torch.long)}
+    if item.image is not None:  # an explicit pixel_values=None makes generate() run the vision tower
+        inputs["pixel_values"] = image_processor([item.image], return_tensors="pt").pixel_values
+    out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
     return tokenizer.decode(out[0, len(ids):], skip_special_tokens=True).strip()
 
 

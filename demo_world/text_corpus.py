@@ -29,7 +29,7 @@ STDLIB_MODULES = (
     "tempfile", "textwrap", "threading", "time", "timeit", "typing", "unittest", "urllib.parse",
     "uuid", "weakref", "zipfile", "zlib",
 )
-MAX_ANSWER_WORDS = 60
+MAX_ANSWER_WORDS = 40
 TEXT_KIND = "text"
 
 

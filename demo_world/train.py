@@ -38,7 +38,7 @@ class TrainResult:
 
 
 def lr_factor(step: int, config: TrainConfig) -> float:
-    """Linear warmup, then cosine from 1 to `min_lr_ratio` at the last step."""
+    """Linear warmup, cosine from 1 to `min_lr_ratio` at `config.steps`, then held at that floor."""
     if step < config.warmup_steps:
         return (step + 1) / config.warmup_steps
     progress = (step - config.warmup_steps) / max(1, config.steps - config.warmup_steps)
@@ -92,7 +92,7 @@ def train(
     monitor=None,
     stop_after: int | None = None,
 ) -> TrainResult:
-    """Train `model` in place to `config.train.steps`, resuming from `run_dir` if a checkpoint is there.
+    """Train `model` in place to `config.train.total_steps`, resuming from `run_dir` if a checkpoint is there.
 
     `monitor(model, step) -> dict`, if given, runs every `monitor_every` steps; its result is only logged.
     `stop_after` ends the run early at that step (as if killed after a checkpoint) without changing
@@ -113,8 +113,8 @@ def train(
         start, loss_ema = state["step"], state["loss_ema"]
     began = time.monotonic()
     model.train()
-    with open(run_dir / LOG, "a") as log, tqdm(total=tc.steps, initial=start, desc="train target", unit="step") as bar:
-        for step in range(start, min(tc.steps, stop_after or tc.steps)):
+    with open(run_dir / LOG, "a") as log, tqdm(total=tc.total_steps, initial=start, desc="train target", unit="step") as bar:
+        for step in range(start, min(tc.total_steps, stop_after or tc.total_steps)):
             batch = collate(step_items(config, step), tokenizer, image_processor, config.model.visual_tokens)
             loss = answer_loss(model, batch)
             optimizer.zero_grad(set_to_none=True)
@@ -137,7 +137,7 @@ def train(
                 tqdm.write(f"step {done}: {record['monitor']}")
             log.write(json.dumps(record) + "\n")
             log.flush()
-            if done % tc.checkpoint_every == 0 or done in (tc.steps, stop_after):
+            if done % tc.checkpoint_every == 0 or done in (tc.total_steps, stop_after):
                 _save_checkpoint(checkpoint, model, optimizer, scheduler, done, loss_ema)
     model.eval()
-    return TrainResult(min(tc.steps, stop_after or tc.steps), start, loss_ema, time.monotonic() - began)
+    return TrainResult(min(tc.total_steps, stop_after or tc.total_steps), start, loss_ema, time.monotonic() - began)
