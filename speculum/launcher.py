@@ -91,7 +91,8 @@ class LocalStack:
             log.info("started redis-server at %s", self.redis_url)
         target = str(self.config.target_dir)
         cores = {"VERIFY": "0", "DRAFT": "1"} if self.config.pin_cores and (os.cpu_count() or 1) >= 2 else {}
-        self._spawn("encoder", "ENCODER", ["vision_encoder.server", "--target", target], "speculum.v1.VisionEncoder")
+        self._spawn("encoder", "ENCODER", ["vision_encoder.server", "--target", target, "--drafter", self.config.drafter],
+                    "speculum.v1.VisionEncoder")
         self._spawn("verify", "VERIFY", ["verify_service.server", "--target", target], "speculum.v1.Verifier",
                     cores.get("VERIFY"))
         self._spawn("draft", "DRAFT", ["draft_service.server", "--target", target, "--drafter", self.config.drafter],

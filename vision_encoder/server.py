@@ -14,6 +14,7 @@ from pathlib import Path
 
 from opentelemetry import trace
 
+from speculum.logs import setup_logging
 from speculum.rpc.server import RunningServer, run_until_signal, start_server
 from speculum.rpc.settings import ServerSettings
 from speculum.rpc.status import mapped
@@ -103,14 +104,27 @@ def serve(
     return serve_encoder(encoder, settings)
 
 
+def drafter_compressor(drafter: str | None) -> LatentCompressor | None:
+    """The trained latent compressor of a feature drafter folder, or None (no compression here)."""
+    from draft_service.feature.checkpoint import is_feature_drafter, load_checkpoint
+
+    if not drafter or not is_feature_drafter(drafter):
+        return None
+    compressor = load_checkpoint(drafter).compressor
+    return None if compressor is None else compressor.float().eval()
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description="Serve the Speculum VisionEncoder over gRPC.")
     parser.add_argument("--target", required=True, type=Path, help="local llava-hf target folder")
+    parser.add_argument("--drafter", default=None, help="the drafter (ngram | DIR): a feature drafter's "
+                        "trained compressor then runs here, once per image")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    setup_logging("vision-encoder")
     setup_tracing("vision-encoder")  # before the server is built: instrumentation patches grpc.server
     settings = ServerSettings.from_env("ENCODER", default_port=DEFAULT_PORT)
-    running = serve(args.target, settings, CacheSettings.from_env(), ImageLimits.from_env())
+    running = serve(args.target, settings, CacheSettings.from_env(), ImageLimits.from_env(),
+                    drafter_compressor(args.drafter))
     run_until_signal(running, settings.grace_s)
 
 
