@@ -38,6 +38,7 @@ COPY verify_service ./verify_service
 COPY draft_service ./draft_service
 COPY orchestrator ./orchestrator
 COPY bench ./bench
+COPY demo_world ./demo_world
 # Dependencies come from pyproject.toml (exact pins); torch==2.13.0 is already satisfied above.
 RUN pip install .
 # Stubs are generated from protos/, never committed: generate into the source tree, then reinstall
