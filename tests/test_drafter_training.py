@@ -39,6 +39,9 @@ def test_micro_training_run_and_resume(tmp_path, llava_dir, llava_engine):
     drafter = FeatureDrafter.from_pretrained(out, llava_dir)
     assert drafter.model.config.compress_visual and drafter.model.config.semi_ar_k == 2
     assert json.loads((out / "config.json").read_text())["meta"]["seed"] == 1
+    again = main(["--target", str(llava_dir), "--out", str(out), "--run-dir", str(run_dir), "--seed", "1", *TINY_RUN,
+                  "--eval-only"])
+    assert again["heldout"]["image"] == summary["heldout"]["image"]  # the shipped weights measure the same
     log = [json.loads(line) for line in (run_dir / "train_log.jsonl").read_text().splitlines()]
     assert any("eval" in record for record in log)
 

@@ -19,12 +19,12 @@ from pathlib import Path
 import torch
 from transformers import AutoImageProcessor, AutoTokenizer
 
-from draft_service.feature.checkpoint import new_model, save_checkpoint
+from draft_service.feature.checkpoint import load_checkpoint, new_model, save_checkpoint
 from draft_service.feature.target_parts import load_target_parts, target_ref
 from draft_service.training.config import AnswerSource, DataConfig, OptimConfig
 from draft_service.training.demo_data import FeatureCollector
 from draft_service.training.feature_store import load_pools, save_pools
-from draft_service.training.trainer import Trainer
+from draft_service.training.trainer import Trainer, evaluate
 from orchestrator.prompting import PromptBuilder
 from speculum.vlm import VisionLanguageModel
 
@@ -60,6 +60,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--fp16", action="store_true", help="store the final weights in fp16")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.add_argument("--eval-only", action="store_true", help="only measure held-out τ of the drafter at --out")
     return p.parse_args(argv)
 
 
@@ -88,6 +89,11 @@ def main(argv: list[str] | None = None) -> dict:
         save_pools(pools, run_dir / "features.safetensors", store_key)
     features_s = time.monotonic() - began
 
+    if args.eval_only:
+        evaluation = evaluate(load_checkpoint(out, target_dir), target.facts, pools, args.eval_k, step=-1)
+        summary = {"drafter": str(out), "heldout": dataclasses.asdict(evaluation)}
+        print(json.dumps(summary))
+        return summary
     model = new_model(ref, load_target_parts(target_dir), seed=args.seed, num_heads=args.heads,
                       num_kv_heads=args.kv_heads, intermediate_size=args.intermediate,
                       decouple_visual=not args.no_decouple, compress_visual=args.compress,
