@@ -123,3 +123,29 @@ def test_health_and_reflection(verifier_server, drafter_server, service):
     reflection = reflection_pb2_grpc.ServerReflectionStub(channel(running))
     answer = next(reflection.ServerReflectionInfo(iter([reflection_pb2.ServerReflectionRequest(list_services="")])))
     assert service in {s.name for s in answer.list_services_response.service}
+
+
+def test_beyond_the_rpc_limit_calls_fail_fast(llava_engine, monkeypatch):
+    """An overloaded service answers RESOURCE_EXHAUSTED at once instead of queueing without bound."""
+    import threading
+    import time
+
+    from verify_service.target import TargetSession
+
+    original = TargetSession.prefill
+    monkeypatch.setattr(TargetSession, "prefill", lambda self, prompt: time.sleep(1.0) or original(self, prompt))
+    running = verify_server.serve(llava_engine.target, ServerSettings(port=0, max_workers=2, max_concurrent_rpcs=1),
+                                  SessionSettings())
+    try:
+        prompt = build_prompt(llava_engine, "Hi")
+        verifier = GrpcVerifier(channel(running))
+        busy = threading.Thread(target=lambda: verifier.open(SamplingParams(seed=1)).prefill(prompt))
+        busy.start()
+        time.sleep(0.3)
+        started = time.monotonic()
+        with pytest.raises(ResourceExhausted):
+            verifier.open(SamplingParams(seed=2)).prefill(prompt)
+        assert time.monotonic() - started < 0.5
+        busy.join()
+    finally:
+        running.stop()

@@ -51,6 +51,7 @@ def start_server(
     """Start a server with the given servicers, grpc.health.v1 and reflection; return once bound."""
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=settings.max_workers, thread_name_prefix="rpc"),
+        maximum_concurrent_rpcs=settings.max_concurrent_rpcs,
         options=settings.channel_options(),
     )
     for add in register:

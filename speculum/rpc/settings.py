@@ -23,6 +23,8 @@ class ServerSettings:
     host / port: where to listen (port 0 picks a free one; the bound port is logged).
     max_message_bytes: receive and send limit for one message.
     max_workers: threads serving RPCs.
+    max_concurrent_rpcs: RPCs admitted at once (running or queued for a thread); beyond it a call
+        fails at once with RESOURCE_EXHAUSTED instead of queueing without bound.
     grace_s: graceful-shutdown grace period (k8s terminationGracePeriodSeconds must exceed it).
     """
 
@@ -30,6 +32,7 @@ class ServerSettings:
     port: int = 0
     max_message_bytes: int = 64 * 1024 * 1024
     max_workers: int = 8
+    max_concurrent_rpcs: int = 64
     grace_s: float = 10.0
 
     @classmethod
@@ -40,6 +43,7 @@ class ServerSettings:
             port=_int(f"SPECULUM_{prefix}_PORT", default_port),
             max_message_bytes=_int("SPECULUM_MAX_MESSAGE_BYTES", cls.max_message_bytes),
             max_workers=_int("SPECULUM_MAX_WORKERS", cls.max_workers),
+            max_concurrent_rpcs=_int("SPECULUM_MAX_CONCURRENT_RPCS", cls.max_concurrent_rpcs),
             grace_s=_float("SPECULUM_GRACE_S", cls.grace_s),
         )
 
