@@ -41,19 +41,34 @@ def start(config: OrchestratorConfig, settings: RayServeSettings) -> None:
     settings.temp_dir.mkdir(parents=True, exist_ok=True)
     # Replicas inherit this process's environment as it is now, OTEL_* included: that is how the
     # orchestrator's tracing gets its endpoint (tests/test_tracing.py checks it).
-    ray.init(
-        num_cpus=settings.num_cpus,
-        include_dashboard=False,
-        object_store_memory=200 * 1024**2,
-        _temp_dir=str(settings.temp_dir),
-        log_to_driver=False,
-    )
+    _init_ray(settings)
     serve.start(
         http_options={"host": settings.http_host, "port": settings.http_port},
         grpc_options=gRPCOptions(port=settings.grpc_port, grpc_servicer_functions=[SERVICER_FUNCTION]),
     )
     serve.run(application(config, settings.num_replicas), name=APP_NAME, route_prefix="/speculum")
     log.info("public API on 127.0.0.1:%d", settings.grpc_port)
+
+
+def _init_ray(settings: RayServeSettings, attempts: int = 3) -> None:
+    """ray.init, retried: on a loaded machine the local node sometimes misses its start-up deadline."""
+    import ray
+
+    for attempt in range(1, attempts + 1):
+        try:
+            ray.init(
+                num_cpus=settings.num_cpus,
+                include_dashboard=False,
+                object_store_memory=200 * 1024**2,
+                _temp_dir=str(settings.temp_dir),
+                log_to_driver=False,
+            )
+            return
+        except Exception:
+            ray.shutdown()
+            if attempt == attempts:
+                raise
+            log.warning("ray.init failed (attempt %d of %d); retrying", attempt, attempts, exc_info=True)
 
 
 def application(config: OrchestratorConfig, num_replicas: int = 1):

@@ -13,6 +13,7 @@ threads run under that span's context, so the clients' spans and RPCs join the s
 from __future__ import annotations
 
 import asyncio
+import hmac
 import logging
 import threading
 import uuid
@@ -29,7 +30,7 @@ from orchestrator.engine import Engine
 from orchestrator.loop import Chunk
 from orchestrator.prompting import PromptBuilder
 from orchestrator.public_api import chunk_to_proto, request_from_proto
-from speculum.errors import SpeculumError
+from speculum.errors import SpeculumError, Unauthenticated
 from speculum.model_facts import ModelFacts
 from speculum.rpc.settings import message_options
 from speculum.rpc.status import code_for
@@ -47,7 +48,8 @@ class OrchestratorConfig:
         speculation; encoder None: the target encodes pixels itself, nothing is cached).
     max_message_bytes: gRPC message limit towards the services.
     verify_timeout_s / draft_timeout_s: per-RPC deadlines; a slow drafter is dropped, not waited for.
-    max_concurrent: requests one replica steps at once (one thread each)."""
+    max_concurrent: requests one replica steps at once (one thread each).
+    api_token: when set, every public call must carry `authorization: Bearer <token>` (off locally)."""
 
     target_dir: str
     verify_address: str
@@ -57,6 +59,7 @@ class OrchestratorConfig:
     verify_timeout_s: float = 60.0
     draft_timeout_s: float = 5.0
     max_concurrent: int = 16
+    api_token: str | None = None
 
 
 class SpeculumApp:
@@ -77,6 +80,7 @@ class SpeculumApp:
         prompts = PromptBuilder.from_pretrained(config.target_dir, facts)
         self.engine = Engine(facts, prompts, verifier, drafter, encoder)
         self._threads = ThreadPoolExecutor(max_workers=config.max_concurrent, thread_name_prefix="loop")
+        self._api_token = config.api_token
 
     async def Generate(self, request: speculum_pb2.GenerateRequest, grpc_context=None) -> speculum_pb2.GenerateResponse:
         final = speculum_pb2.GenerateResponse()
@@ -101,6 +105,7 @@ class SpeculumApp:
         in_span = trace.set_span_in_context(span)
         loop = asyncio.get_running_loop()
         try:
+            authorize(self._api_token, grpc_context)
             prepared = await loop.run_in_executor(
                 self._threads, call_in_context, in_span, self.engine.prepare, request_from_proto(message)
             )
@@ -160,6 +165,16 @@ class SpeculumApp:
             raise exc
         grpc_context.set_code(code_for(exc))
         grpc_context.set_details(str(exc))
+
+
+def authorize(api_token: str | None, grpc_context) -> None:
+    """Check the bearer token when one is configured (constant-time comparison)."""
+    if not api_token:
+        return
+    metadata = dict(grpc_context.invocation_metadata()) if grpc_context is not None else {}
+    presented = metadata.get("authorization", "")
+    if not hmac.compare_digest(presented.encode(), f"Bearer {api_token}".encode()):
+        raise Unauthenticated("a valid `authorization: Bearer <token>` header is required")
 
 
 def _request_span(request_id: str, grpc_context) -> Span:

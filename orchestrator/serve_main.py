@@ -3,7 +3,7 @@
 Settings from the environment (the k8s ConfigMap): SPECULUM_TARGET_DIR, SPECULUM_VERIFY_ADDRESS,
 SPECULUM_DRAFT_ADDRESS (empty: no speculation), SPECULUM_ENCODER_ADDRESS, SPECULUM_PUBLIC_PORT
 (50051), SPECULUM_HTTP_PORT (8000, Serve's /-/healthz), SPECULUM_HTTP_HOST (127.0.0.1; 0.0.0.0 in
-a pod), SPECULUM_ORCHESTRATOR_REPLICAS (1).
+a pod), SPECULUM_ORCHESTRATOR_REPLICAS (1), SPECULUM_API_TOKEN (unset: no bearer-token check).
 Runs until SIGTERM, then shuts Ray Serve down.
 """
 
@@ -29,6 +29,7 @@ def config_from_env() -> tuple[OrchestratorConfig, ray_runtime.RayServeSettings]
         draft_address=env.get("SPECULUM_DRAFT_ADDRESS") or None,
         encoder_address=env.get("SPECULUM_ENCODER_ADDRESS") or None,
         max_message_bytes=int(env.get("SPECULUM_MAX_MESSAGE_BYTES", OrchestratorConfig.max_message_bytes)),
+        api_token=env.get("SPECULUM_API_TOKEN") or None,
     )
     settings = ray_runtime.RayServeSettings(
         grpc_port=int(env.get("SPECULUM_PUBLIC_PORT", "50051")),

@@ -27,5 +27,9 @@ class Unavailable(SpeculumError):
     """A part of the system (drafter, verifier, encoder, cache) cannot be reached."""
 
 
+class Unauthenticated(SpeculumError):
+    """The call lacks the credentials the public API requires."""
+
+
 class SessionNotFound(SpeculumError):
     """The session id is unknown: never opened, released, or expired by TTL/eviction."""

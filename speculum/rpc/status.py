@@ -8,7 +8,14 @@ import logging
 
 import grpc
 
-from speculum.errors import InvalidArgument, ResourceExhausted, SessionNotFound, SpeculumError, Unavailable
+from speculum.errors import (
+    InvalidArgument,
+    ResourceExhausted,
+    SessionNotFound,
+    SpeculumError,
+    Unauthenticated,
+    Unavailable,
+)
 
 log = logging.getLogger("speculum.rpc")
 
@@ -17,6 +24,7 @@ CODES: dict[type[SpeculumError], grpc.StatusCode] = {
     ResourceExhausted: grpc.StatusCode.RESOURCE_EXHAUSTED,
     Unavailable: grpc.StatusCode.UNAVAILABLE,
     SessionNotFound: grpc.StatusCode.NOT_FOUND,
+    Unauthenticated: grpc.StatusCode.UNAUTHENTICATED,
 }
 
 
