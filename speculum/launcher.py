@@ -100,7 +100,8 @@ class LocalStack:
         for service in self.services:
             self._wait_healthy(service)
         by_name = {s.name: s.address for s in self.services}
-        orchestrator = OrchestratorConfig(target, by_name["verify"], by_name["draft"], by_name["encoder"])
+        orchestrator = OrchestratorConfig(target, by_name["verify"], by_name["draft"], by_name["encoder"],
+                                          api_token=os.environ.get("SPECULUM_API_TOKEN") or None)
         ray_settings = ray_runtime.RayServeSettings(
             self.config.port, self.config.http_port or free_port(), self.workdir / "ray"
         )
