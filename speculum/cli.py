@@ -152,7 +152,14 @@ def generate(args: argparse.Namespace) -> int:
     if not (Path(target_dir) / "config.json").is_file():
         raise SystemExit(f"speculum: no target model at {target_dir} (give --target DIR)")
     engine = Engine.from_pretrained(target_dir)
-    engine.drafter = load_drafter(args.drafter or _default_drafter(), engine.target.vocab_size, engine.target.device)
+    if args.drafter:
+        engine.drafter = load_drafter(args.drafter, engine.target.vocab_size, engine.target.device)
+    else:  # the shipped drafter, unless it no longer matches the target: then prompt lookup
+        try:
+            engine.drafter = load_drafter(_default_drafter(), engine.target.vocab_size, engine.target.device)
+        except SpeculumError as exc:
+            print(f"speculum: the default drafter cannot be used ({exc}); using ngram", file=sys.stderr)
+            engine.drafter = load_drafter("ngram", engine.target.vocab_size)
     for spec in _requests(args):
         _print(engine.generate(_to_request(spec, args)).as_json(), args.json)
     return 0
