@@ -215,3 +215,15 @@ def test_calls_without_the_bearer_token_are_unauthenticated(stack, public_port, 
     with pytest.raises(grpc.RpcError) as caught:
         speculum_pb2_grpc.SpeculumStub(channel).Generate(request("hi", max_new=2), timeout=60)
     assert caught.value.code() == grpc.StatusCode.UNAUTHENTICATED
+
+
+def test_zz_encoder_down_fails_images_with_unavailable_and_text_still_works(stack, llava_engine):
+    """Runs last in this module: it stops the stack's vision encoder."""
+    stub, _, _, encoder = stack
+    encoder.stop()
+    with pytest.raises(grpc.RpcError) as caught:
+        stub.Generate(request("What is this?", [png_bytes(40)], max_new=4), timeout=60)
+    assert caught.value.code() == grpc.StatusCode.UNAVAILABLE
+    reply = stub.Generate(request("Say something.", max_new=6), timeout=60)
+    expected = hf_greedy(llava_engine.target, build_prompt(llava_engine, "Say something."), 6)
+    assert list(reply.token_ids) == expected
