@@ -44,6 +44,9 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--port", type=int, default=50051, help="public gRPC port")
     serve.add_argument("--target", type=Path, default=None, help="target folder (default: the demo target)")
     serve.add_argument("--drafter", default=None, help="ngram | DIR (default: the demo drafter, else ngram)")
+    commands.add_parser("bench", help="run the benchmarks (as `make bench`)")
+    commands.add_parser("train-drafter", help="train a feature drafter (python -m draft_service.training)",
+                        add_help=False)
     return parser
 
 
@@ -167,7 +170,18 @@ def generate(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["train-drafter"]:  # its own flags: hand the rest of the line over
+        from draft_service.training.__main__ import main as train_drafter
+
+        train_drafter(argv[1:])
+        return 0
     args = build_parser().parse_args(argv)
+    if args.command == "bench":
+        import runpy
+
+        runpy.run_module("bench", run_name="__main__")
+        return 0
     try:
         return serve(args) if args.command == "serve" else generate(args)
     except SpeculumError as exc:

@@ -74,3 +74,10 @@ def test_bad_flags_exit_2_naming_the_field(llava_dir, args, message):
     done = speculum("generate", "--target", str(llava_dir), *args)
     assert done.returncode == 2
     assert message in done.stderr and "Traceback" not in done.stderr
+
+
+def test_train_drafter_and_bench_subcommands_exist():
+    done = speculum("train-drafter", "--help")
+    assert done.returncode == 0 and "--target" in done.stdout
+    done = speculum("--help")
+    assert done.returncode == 0 and all(c in done.stdout for c in ("generate", "serve", "bench", "train-drafter"))
