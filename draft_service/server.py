@@ -12,6 +12,7 @@ import threading
 from pathlib import Path
 
 from orchestrator.protocols import DraftSession, Drafter
+from speculum.metrics import SessionCollector
 from speculum.rpc import convert
 from speculum.rpc.server import RunningServer, run_until_signal, start_server
 from speculum.rpc.settings import ServerSettings, SessionSettings
@@ -78,6 +79,7 @@ def serve(drafter: Drafter, settings: ServerSettings, sessions: SessionSettings)
         [lambda server: drafter_pb2_grpc.add_DrafterServicer_to_server(servicer, server)],
         [SERVICE_NAME],
         servicer,
+        collectors=[SessionCollector(servicer.sessions)],
     )
     return running
 

@@ -13,7 +13,7 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Generic, TypeVar
 
 from speculum.errors import InvalidArgument, ResourceExhausted, SessionNotFound
@@ -53,6 +53,11 @@ class SessionStore(Generic[State]):
     def __len__(self) -> int:
         with self._lock:
             return len(self._entries)
+
+    def snapshot(self) -> SessionCounters:
+        """A consistent copy of the counters (metrics read them from another thread)."""
+        with self._lock:
+            return replace(self.counters)
 
     def open(self, session_id: str, state: State) -> None:
         """Add a session; when full, evict the LRU one or raise ResourceExhausted (closing `state`)."""

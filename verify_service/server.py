@@ -12,6 +12,7 @@ import threading
 from dataclasses import dataclass
 from pathlib import Path
 
+from speculum.metrics import SessionCollector
 from speculum.rpc import convert
 from speculum.rpc.server import RunningServer, run_until_signal, start_server
 from speculum.rpc.settings import ServerSettings, SessionSettings
@@ -84,6 +85,7 @@ def serve(model: VisionLanguageModel, settings: ServerSettings, sessions: Sessio
         [lambda server: verifier_pb2_grpc.add_VerifierServicer_to_server(servicer, server)],
         [SERVICE_NAME],
         servicer,
+        collectors=[SessionCollector(servicer.sessions)],
     )
     return running
 

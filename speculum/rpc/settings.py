@@ -17,6 +17,29 @@ def _float(name: str, default: float) -> float:
 
 
 @dataclass(frozen=True)
+class MetricsSettings:
+    """Prometheus `/metrics` over HTTP, one port per process.
+
+    port: None = no exporter (the default for servers built in code: tests run many per process),
+        0 = a free port (logged; tests), else that port (9100 in pods, where the annotations point).
+    host: the interface to bind (the pod IP must be reachable for Prometheus: 0.0.0.0 there).
+    """
+
+    port: int | None = None
+    host: str = "127.0.0.1"
+
+    DEFAULT_PORT = 9100
+
+    @classmethod
+    def from_env(cls, default_host: str = "127.0.0.1") -> MetricsSettings:
+        """SPECULUM_METRICS_PORT (default 9100, `off` = none) and SPECULUM_METRICS_HOST (default: the
+        service's own host)."""
+        value = os.environ.get("SPECULUM_METRICS_PORT", "").strip().lower()
+        port = None if value == "off" else int(value) if value else cls.DEFAULT_PORT
+        return cls(port=port, host=os.environ.get("SPECULUM_METRICS_HOST") or default_host)
+
+
+@dataclass(frozen=True)
 class ServerSettings:
     """Settings every internal gRPC service shares.
 
@@ -26,6 +49,7 @@ class ServerSettings:
     max_concurrent_rpcs: RPCs admitted at once (running or queued for a thread); beyond it a call
         fails at once with RESOURCE_EXHAUSTED instead of queueing without bound.
     grace_s: graceful-shutdown grace period (k8s terminationGracePeriodSeconds must exceed it).
+    metrics: the Prometheus exporter (off unless configured; `from_env` turns it on at 9100).
     """
 
     host: str = "127.0.0.1"
@@ -34,17 +58,20 @@ class ServerSettings:
     max_workers: int = 8
     max_concurrent_rpcs: int = 64
     grace_s: float = 10.0
+    metrics: MetricsSettings = MetricsSettings()
 
     @classmethod
     def from_env(cls, prefix: str, default_port: int = 0) -> ServerSettings:
         """E.g. prefix VERIFY reads SPECULUM_VERIFY_HOST, SPECULUM_VERIFY_PORT, and shared limits."""
+        host = os.environ.get(f"SPECULUM_{prefix}_HOST", "127.0.0.1")
         return cls(
-            host=os.environ.get(f"SPECULUM_{prefix}_HOST", "127.0.0.1"),
+            host=host,
             port=_int(f"SPECULUM_{prefix}_PORT", default_port),
             max_message_bytes=_int("SPECULUM_MAX_MESSAGE_BYTES", cls.max_message_bytes),
             max_workers=_int("SPECULUM_MAX_WORKERS", cls.max_workers),
             max_concurrent_rpcs=_int("SPECULUM_MAX_CONCURRENT_RPCS", cls.max_concurrent_rpcs),
             grace_s=_float("SPECULUM_GRACE_S", cls.grace_s),
+            metrics=MetricsSettings.from_env(host),
         )
 
     def channel_options(self) -> list[tuple[str, int]]:
