@@ -40,6 +40,22 @@ class MetricsSettings:
 
 
 @dataclass(frozen=True)
+class TlsServerSettings:
+    """cert_path / key_path: PEM certificate chain and private key the service presents."""
+
+    cert_path: str
+    key_path: str
+
+    @classmethod
+    def from_env(cls) -> TlsServerSettings | None:
+        """SPECULUM_TLS_CERT and SPECULUM_TLS_KEY (both or neither; unset: plaintext)."""
+        cert, key = os.environ.get("SPECULUM_TLS_CERT") or None, os.environ.get("SPECULUM_TLS_KEY") or None
+        if (cert is None) != (key is None):
+            raise ValueError("set both SPECULUM_TLS_CERT and SPECULUM_TLS_KEY, or neither")
+        return None if cert is None else cls(cert, key)
+
+
+@dataclass(frozen=True)
 class ServerSettings:
     """Settings every internal gRPC service shares.
 
@@ -50,6 +66,7 @@ class ServerSettings:
         fails at once with RESOURCE_EXHAUSTED instead of queueing without bound.
     grace_s: graceful-shutdown grace period (k8s terminationGracePeriodSeconds must exceed it).
     metrics: the Prometheus exporter (off unless configured; `from_env` turns it on at 9100).
+    tls: the server's certificate and key (None: plaintext, the local default).
     """
 
     host: str = "127.0.0.1"
@@ -59,6 +76,7 @@ class ServerSettings:
     max_concurrent_rpcs: int = 64
     grace_s: float = 10.0
     metrics: MetricsSettings = MetricsSettings()
+    tls: TlsServerSettings | None = None
 
     @classmethod
     def from_env(cls, prefix: str, default_port: int = 0) -> ServerSettings:
@@ -72,6 +90,7 @@ class ServerSettings:
             max_concurrent_rpcs=_int("SPECULUM_MAX_CONCURRENT_RPCS", cls.max_concurrent_rpcs),
             grace_s=_float("SPECULUM_GRACE_S", cls.grace_s),
             metrics=MetricsSettings.from_env(host),
+            tls=TlsServerSettings.from_env(),
         )
 
     def channel_options(self) -> list[tuple[str, int]]:
@@ -98,3 +117,39 @@ class SessionSettings:
             ttl_s=_float(f"SPECULUM_{prefix}_SESSION_TTL_S", cls.ttl_s),
             max_sessions=_int(f"SPECULUM_{prefix}_MAX_SESSIONS", cls.max_sessions),
         )
+
+
+@dataclass(frozen=True)
+class ClientSettings:
+    """How the orchestrator calls the internal services.
+
+    tls_ca_path: PEM root certificate(s) that sign the services' certificates; None: plaintext.
+    draft_round_deadline_s: a draft round not finished by then is dropped; the round decodes with
+        the target alone (a stalled drafter must not stall requests).
+    max_reconnect_backoff_ms: ceiling of gRPC's reconnect backoff, so a restarted service is
+        found again within about a second.
+    """
+
+    tls_ca_path: str | None = None
+    draft_round_deadline_s: float = 1.0
+    max_reconnect_backoff_ms: int = 1000
+
+    def __post_init__(self) -> None:
+        if self.draft_round_deadline_s <= 0:
+            raise ValueError(f"draft_round_deadline_s must be > 0, got {self.draft_round_deadline_s}")
+
+    @classmethod
+    def from_env(cls) -> ClientSettings:
+        """SPECULUM_TLS_CA, SPECULUM_DRAFT_ROUND_DEADLINE_S, SPECULUM_MAX_RECONNECT_BACKOFF_MS."""
+        return cls(
+            tls_ca_path=os.environ.get("SPECULUM_TLS_CA") or None,
+            draft_round_deadline_s=_float("SPECULUM_DRAFT_ROUND_DEADLINE_S", cls.draft_round_deadline_s),
+            max_reconnect_backoff_ms=_int("SPECULUM_MAX_RECONNECT_BACKOFF_MS", cls.max_reconnect_backoff_ms),
+        )
+
+    def channel_options(self) -> list[tuple[str, int]]:
+        return [
+            ("grpc.initial_reconnect_backoff_ms", min(200, self.max_reconnect_backoff_ms)),
+            ("grpc.min_reconnect_backoff_ms", min(200, self.max_reconnect_backoff_ms)),
+            ("grpc.max_reconnect_backoff_ms", self.max_reconnect_backoff_ms),
+        ]
