@@ -9,6 +9,7 @@ import threading
 from collections.abc import Callable, Sequence
 from concurrent import futures
 from dataclasses import dataclass
+from pathlib import Path
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -79,13 +80,24 @@ def start_server(
     reflection.enable_server_reflection(
         (*service_names, health.SERVICE_NAME, reflection.SERVICE_NAME), server
     )
-    port = server.add_insecure_port(f"{settings.host}:{settings.port}")
+    port = _add_port(server, settings)
     metrics = export(registry, settings.metrics)
     server.start()
     for name in (*service_names, ""):
         health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
     log.info("serving %s on %s:%d", ",".join(service_names), settings.host, port)
     return RunningServer(server, port, health_servicer, tuple(service_names), servicer, registry, metrics)
+
+
+def _add_port(server: grpc.Server, settings: ServerSettings) -> int:
+    """Bind the configured address, with TLS when the settings carry a certificate and key."""
+    address = f"{settings.host}:{settings.port}"
+    if settings.tls is None:
+        return server.add_insecure_port(address)
+    credentials = grpc.ssl_server_credentials(
+        [(Path(settings.tls.key_path).read_bytes(), Path(settings.tls.cert_path).read_bytes())]
+    )
+    return server.add_secure_port(address, credentials)
 
 
 def run_until_signal(running: RunningServer, grace_s: float) -> None:
