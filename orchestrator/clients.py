@@ -4,6 +4,10 @@ Each session gets a fresh id; `close` releases it on the service (best effort: a
 service already dropped is fine). RPC failures surface as typed core errors. Each call runs in a
 span (encode, prefill, one per draft and verify round) under the caller's current context, which
 the instrumented channel carries to the service.
+
+Each draft round has its own deadline (a stalled drafter costs one deadline, then the loop skips
+it), and a circuit breaker shared by all requests stops calling a drafter that keeps failing until
+its pause is over. Channels use TLS when the settings name a CA.
 """
 
 from __future__ import annotations
@@ -11,12 +15,16 @@ from __future__ import annotations
 import logging
 import uuid
 from collections.abc import Iterator, Sequence
+from pathlib import Path
 
 import grpc
 
+from orchestrator.breaker import BreakerSettings, CircuitBreaker
 from speculum.config import SamplingParams
+from speculum.errors import Unavailable
 from speculum.records import DraftBlock, PromptInputs, VerifyResult
 from speculum.rpc import convert
+from speculum.rpc.settings import ClientSettings, message_options
 from speculum.rpc.status import error_from_rpc
 from speculum.telemetry import tracer
 from speculum.v1 import (
@@ -32,6 +40,16 @@ from vision_encoder.convert import encoded_from_proto
 from vision_encoder.encoder import EncodedImage
 
 log = logging.getLogger("speculum.clients")
+
+
+def connect(address: str, settings: ClientSettings = ClientSettings(),
+            max_message_bytes: int = 64 * 1024 * 1024) -> grpc.Channel:
+    """A channel to an internal service: TLS when `settings.tls_ca_path` is set, else plaintext."""
+    options = [*message_options(max_message_bytes), *settings.channel_options()]
+    if settings.tls_ca_path is None:
+        return grpc.insecure_channel(address, options)
+    credentials = grpc.ssl_channel_credentials(root_certificates=Path(settings.tls_ca_path).read_bytes())
+    return grpc.secure_channel(address, credentials, options)
 
 
 def _release(stub, session_id: str, timeout_s: float) -> None:
@@ -100,10 +118,13 @@ class GrpcVerifier:
 class GrpcDraftSession:
     """Folds `advance` into the next Draft call, so a round costs one drafter round trip."""
 
-    def __init__(self, stub: drafter_pb2_grpc.DrafterStub, sampling: SamplingParams, timeout_s: float):
+    def __init__(self, stub: drafter_pb2_grpc.DrafterStub, sampling: SamplingParams, timeout_s: float,
+                 round_deadline_s: float, breaker: CircuitBreaker):
         self._stub = stub
         self._sampling = sampling
         self._timeout_s = timeout_s
+        self._round_deadline_s = round_deadline_s
+        self._breaker = breaker
         self.session_id = f"d-{uuid.uuid4().hex}"
         self._open = False
         self._unsent: VerifyResult | None = None
@@ -121,7 +142,8 @@ class GrpcDraftSession:
             try:
                 self._stub.Prefill(request, timeout=self._timeout_s)
             except grpc.RpcError as exc:
-                raise error_from_rpc(exc) from exc
+                raise self._fault(exc) from exc
+        self._breaker.succeeded()
 
     def propose(self, max_tokens: int) -> Iterator[DraftBlock]:
         request = drafter_pb2.DraftRequest(session_id=self.session_id, max_tokens=max_tokens)
@@ -134,13 +156,21 @@ class GrpcDraftSession:
             drafted = 0
             span.set_attributes({"speculum.max_tokens": max_tokens, "speculum.draft_tokens": drafted})
             try:
-                for piece in self._stub.Draft(request, timeout=self._timeout_s):
+                for piece in self._stub.Draft(request, timeout=self._round_deadline_s):
                     block = convert.block_from_proto(piece)
                     drafted += len(block.tokens)
                     span.set_attribute("speculum.draft_tokens", drafted)
                     yield block
             except grpc.RpcError as exc:
-                raise error_from_rpc(exc) from exc
+                raise self._fault(exc) from exc
+
+    def _fault(self, exc: grpc.RpcError):
+        """The typed error; a drafter that is down or too slow also opens the breaker (an
+        evicted session is not the drafter's fault)."""
+        error = error_from_rpc(exc)
+        if isinstance(error, Unavailable):
+            self._breaker.failed()
+        return error
 
     def advance(self, result: VerifyResult) -> None:
         self._unsent = result
@@ -152,11 +182,18 @@ class GrpcDraftSession:
 
 
 class GrpcDrafter:
-    """The Drafter protocol over a draft service."""
+    """The Drafter protocol over a draft service.
 
-    def __init__(self, channel: grpc.Channel, timeout_s: float = 10.0):
+    timeout_s: deadline of a prefill (and release). round_deadline_s: deadline of one Draft round.
+    While the breaker is open, `open` fails at once and the request decodes without drafts.
+    """
+
+    def __init__(self, channel: grpc.Channel, timeout_s: float = 10.0, round_deadline_s: float = 1.0,
+                 breaker: BreakerSettings = BreakerSettings()):
         self._stub = drafter_pb2_grpc.DrafterStub(channel)
         self.timeout_s = timeout_s
+        self.round_deadline_s = round_deadline_s
+        self.breaker = CircuitBreaker(breaker)
         self._info: drafter_pb2.DrafterInfo | None = None
 
     @property
@@ -171,7 +208,9 @@ class GrpcDrafter:
         return self._info.needs_target_features
 
     def open(self, sampling: SamplingParams) -> GrpcDraftSession:
-        return GrpcDraftSession(self._stub, sampling, self.timeout_s)
+        if not self.breaker.allow():
+            raise Unavailable("drafter: pausing after faults; decoding without drafts")
+        return GrpcDraftSession(self._stub, sampling, self.timeout_s, self.round_deadline_s, self.breaker)
 
 
 class GrpcImageEncoder:

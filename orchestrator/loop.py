@@ -2,23 +2,38 @@
 
 The same loop runs in-process and over gRPC; only the protocol implementations differ. With no
 drafter (or speculation disabled) every round verifies an empty block, i.e. plain target decoding.
-A failing drafter only costs speed: the request continues as plain target decoding.
+
+Faults never lose a request that can still be finished:
+- a failing or stalled drafter (the gRPC client gives each round a deadline) only costs speed: the
+  round decodes with the target alone, and the request re-prefills a new draft session later
+  (backing off) so it speculates again once the drafter is healthy;
+- a verifier that loses the session (restarted replica, UNAVAILABLE or NOT_FOUND mid-request) gets
+  a new session re-prefilled with everything committed so far, retried for a bounded time; greedy
+  output is unchanged. Beyond that time the request fails with the verifier's error.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
+import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 
-from orchestrator.protocols import DraftSession, Drafter, Verifier
+import torch
+
+from orchestrator.protocols import DraftSession, Drafter, Verifier, VerifySession
 from orchestrator.stopping import FinishReason, StopChecker
 from speculum.config import SamplingParams, SpeculationParams
+from speculum.errors import SessionNotFound, Unavailable
 from speculum.records import DraftBlock, PromptInputs, VerifyResult, join_pieces
 from speculum.stats import SpecStats
 
 log = logging.getLogger("speculum.loop")
+
+RESUME_WITHIN_S = 30.0  # how long a request waits for a restarted verifier before failing
+MAX_DRAFT_RETRY_GAP = 32  # rounds between attempts to reopen a failed draft session, at most
 
 
 @dataclass(frozen=True)
@@ -30,34 +45,128 @@ class Chunk:
     stats: SpecStats | None = None
 
 
-class GuardedDraft:
-    """A draft session whose failures switch the request to plain target decoding."""
+class Transcript:
+    """What a request has committed: enough to rebuild a session on a fresh verifier or drafter.
 
-    def __init__(self, drafter: Drafter | None, sampling: SamplingParams):
+    tokens: every token the target settled, the last one pending (not yet fed to the target).
+    keep_hidden: also keep the target's feature rows (prompt + tokens[:-1]) for a feature drafter.
+    """
+
+    def __init__(self, prompt: PromptInputs, keep_hidden: bool):
+        self.prompt = prompt
+        self.keep_hidden = keep_hidden
+        self.tokens: list[int] = []
+        self._hidden: list[torch.Tensor] = []  # [rows, D] each
+        self._hidden_complete = True
+        self._last: VerifyResult | None = None
+
+    def commit(self, result: VerifyResult) -> None:
+        self.tokens.extend(result.tokens)
+        self._last = result
+        if self.keep_hidden:
+            if result.hidden is None:
+                self._hidden_complete = False
+            else:
+                self._hidden.append(result.hidden)
+
+    def prompt_through(self, include_pending: bool) -> PromptInputs:
+        """The prompt followed by the committed tokens (with or without the pending one)."""
+        tokens = self.tokens if include_pending else self.tokens[:-1]
+        return dataclasses.replace(self.prompt, token_ids=self.prompt.token_ids + tuple(tokens))
+
+    def as_prefill(self) -> VerifyResult | None:
+        """The target result a drafter prefilled on `prompt_through(False)` would have been given,
+        or None when it cannot be rebuilt (feature rows missing)."""
+        assert self._last is not None, "nothing committed yet"
+        hidden = None
+        if self.keep_hidden:
+            if not self._hidden_complete:
+                return None
+            hidden = torch.cat(self._hidden)  # [P + len(tokens) - 1, D]
+        return VerifyResult(0, (self.tokens[-1],), self._last.next_kind, hidden)
+
+
+class ResumableTarget:
+    """The request's verify session; re-prefilled on a fresh session when the verifier loses it."""
+
+    def __init__(self, verifier: Verifier, sampling: SamplingParams, return_features: bool, transcript: Transcript,
+                 resume_within_s: float):
+        self._verifier = verifier
+        self._sampling = sampling
+        self._return_features = return_features
+        self._transcript = transcript
+        self._resume_within_s = resume_within_s
+        self._session: VerifySession = verifier.open(sampling, return_features=return_features)
+        self.resumed = 0  # sessions rebuilt (a stats field would be the edge's business)
+
+    def prefill(self, prompt: PromptInputs) -> VerifyResult:
+        return self._session.prefill(prompt)
+
+    def verify(self, block: DraftBlock) -> VerifyResult:
+        try:
+            return self._session.verify(block)
+        except (Unavailable, SessionNotFound) as exc:
+            log.warning("verifier lost the session (%s); re-prefilling on a fresh one", exc)
+            return self._resume(exc)
+
+    def _resume(self, cause: Exception) -> VerifyResult:
+        """Prefill prompt + every committed token (pending one included) on a new session: the
+        next token is what verifying an empty block would have given. The dropped draft block is
+        reported as nothing accepted, so the drafter rolls it back."""
+        _close_in_background(self._session)
+        deadline = time.monotonic() + self._resume_within_s
+        pause = 0.1
+        while True:
+            self._session = self._verifier.open(self._sampling, return_features=self._return_features)
+            try:
+                first = self._session.prefill(self._transcript.prompt_through(include_pending=True))
+                break
+            except (Unavailable, SessionNotFound) as exc:
+                _close_in_background(self._session)
+                if time.monotonic() + pause > deadline:
+                    raise Unavailable(f"verifier: not back within {self._resume_within_s:.0f} s: {exc}") from cause
+                time.sleep(pause)
+                pause = min(pause * 2, 1.0)
+        self.resumed += 1
+        hidden = None if first.hidden is None else first.hidden[-1:]  # the pending token's row
+        return VerifyResult(0, first.tokens, first.next_kind, hidden)
+
+    def close(self) -> None:
+        self._session.close()
+
+
+class GuardedDraft:
+    """A draft session whose faults cost speed only: the round goes without drafts, and a new
+    session is re-prefilled from the transcript after a backoff (1, 2, 4 ... rounds)."""
+
+    def __init__(self, drafter: Drafter | None, sampling: SamplingParams, transcript: Transcript):
         self._drafter = drafter
         self._sampling = sampling
+        self._transcript = transcript
         self._session: DraftSession | None = None
+        self._round = 0
+        self._retry_round = 0
+        self._retry_gap = 1
+        self.reopened = 0
 
     @property
     def active(self) -> bool:
         return self._session is not None
 
     def prefill(self, prompt: PromptInputs, first: VerifyResult) -> None:
-        if self._drafter is None:
-            return
-        try:
-            self._session = self._drafter.open(self._sampling)
-            self._session.prefill(prompt, first)
-        except Exception:  # a drafter fault must never fail the request
-            self._give_up("prefill")
+        if self._drafter is not None:
+            self._open(prompt, first, "prefill")
 
     def propose(self, max_tokens: int) -> DraftBlock:
+        self._round += 1
+        if self._session is None and self._drafter is not None and self._round >= self._retry_round:
+            self._reopen()
         if self._session is None or max_tokens <= 0:
             return DraftBlock(())
         try:
             return join_pieces(list(self._session.propose(max_tokens)))
-        except Exception:
-            self._give_up("propose")
+        except Exception as exc:
+            self._give_up("propose", exc)
             return DraftBlock(())
 
     def advance(self, result: VerifyResult) -> None:
@@ -65,8 +174,8 @@ class GuardedDraft:
             return
         try:
             self._session.advance(result)
-        except Exception:
-            self._give_up("advance")
+        except Exception as exc:
+            self._give_up("advance", exc)
 
     def close(self) -> None:
         session, self._session = self._session, None
@@ -76,9 +185,43 @@ class GuardedDraft:
             except Exception:
                 log.warning("closing the draft session failed", exc_info=True)
 
-    def _give_up(self, phase: str) -> None:
-        log.warning("drafter failed in %s; continuing without speculation", phase, exc_info=True)
-        self.close()
+    def _open(self, prompt: PromptInputs, first: VerifyResult, phase: str) -> bool:
+        try:
+            self._session = self._drafter.open(self._sampling)
+            self._session.prefill(prompt, first)
+        except Exception as exc:  # a drafter fault must never fail the request
+            self._give_up(phase, exc)
+            return False
+        self._retry_gap = 1
+        return True
+
+    def _reopen(self) -> None:
+        first = self._transcript.as_prefill()
+        if first is None:  # a feature drafter without the target's features: no way back
+            self._retry_round = 2**62
+            return
+        if self._open(self._transcript.prompt_through(include_pending=False), first, "re-prefill"):
+            self.reopened += 1
+            log.info("drafter back: re-prefilled a draft session at %d tokens", len(self._transcript.tokens))
+
+    def _give_up(self, phase: str, exc: Exception) -> None:
+        log.warning("drafter failed in %s (%s: %s); rounds go without drafts for now", phase, type(exc).__name__, exc)
+        log.debug("drafter fault", exc_info=exc)
+        session, self._session = self._session, None
+        if session is not None:
+            _close_in_background(session)  # a stalled drafter may hold the session: never wait for it
+        self._retry_round = self._round + self._retry_gap
+        self._retry_gap = min(self._retry_gap * 2, MAX_DRAFT_RETRY_GAP)
+
+
+def _close_in_background(session: DraftSession | VerifySession) -> None:
+    def close() -> None:
+        try:
+            session.close()
+        except Exception:
+            log.info("releasing a failed session failed", exc_info=True)
+
+    threading.Thread(target=close, name="release", daemon=True).start()
 
 
 def speculate(
@@ -89,21 +232,26 @@ def speculate(
     drafter: Drafter | None,
     stop: StopChecker,
     started: float | None = None,
+    resume_within_s: float = RESUME_WITHIN_S,
 ) -> Iterator[Chunk]:
     """Generate for one request, yielding the tokens of each round as soon as they are settled.
 
     `started` (perf_counter) is when the request arrived, for TTFT; defaults to now. Both
     sessions are closed on every exit path, including the consumer abandoning the stream.
+    `resume_within_s`: how long to keep re-prefilling on a verifier that lost the session.
     """
     started = time.perf_counter() if started is None else started
     sampling = sampling.with_seed()
     stats = SpecStats()
     generated: list[int] = []
     drafter = drafter if speculation.enabled else None
-    target = verifier.open(sampling, return_features=drafter is not None and drafter.needs_target_features)
-    draft = GuardedDraft(drafter, sampling)
+    features = drafter is not None and drafter.needs_target_features
+    transcript = Transcript(prompt, keep_hidden=features)
+    target = ResumableTarget(verifier, sampling, features, transcript, resume_within_s)
+    draft = GuardedDraft(drafter, sampling, transcript)
     try:
         first = target.prefill(prompt)
+        transcript.commit(first)
         decision = stop.offer(generated, first.tokens)
         generated.extend(first.tokens[: decision.keep])
         first_token_at = time.perf_counter()
@@ -130,6 +278,7 @@ def speculate(
             finish = decision.finish
             # advance
             if finish is None:
+                transcript.commit(result)
                 draft.advance(result)
         stats.decode_s = time.perf_counter() - first_token_at
         yield Chunk(pending, finish, stats)

@@ -25,14 +25,14 @@ import grpc
 from opentelemetry import trace
 from opentelemetry.trace import Span, SpanKind, Status, StatusCode
 
-from orchestrator.clients import GrpcDrafter, GrpcImageEncoder, GrpcVerifier
+from orchestrator.clients import GrpcDrafter, GrpcImageEncoder, GrpcVerifier, connect
 from orchestrator.engine import Engine
 from orchestrator.loop import Chunk
 from orchestrator.prompting import PromptBuilder
 from orchestrator.public_api import chunk_to_proto, request_from_proto
 from speculum.errors import SpeculumError, Unauthenticated
 from speculum.model_facts import ModelFacts
-from speculum.rpc.settings import message_options
+from speculum.rpc.settings import ClientSettings
 from speculum.rpc.status import code_for
 from speculum.telemetry import call_in_context, context_from_metadata, setup_tracing, tracer
 from speculum.v1 import speculum_pb2
@@ -49,7 +49,8 @@ class OrchestratorConfig:
     max_message_bytes: gRPC message limit towards the services.
     verify_timeout_s / draft_timeout_s: per-RPC deadlines; a slow drafter is dropped, not waited for.
     max_concurrent: requests one replica steps at once (one thread each).
-    api_token: when set, every public call must carry `authorization: Bearer <token>` (off locally)."""
+    api_token: when set, every public call must carry `authorization: Bearer <token>` (off locally).
+    clients: TLS towards the services and the per-round draft deadline."""
 
     target_dir: str
     verify_address: str
@@ -60,6 +61,7 @@ class OrchestratorConfig:
     draft_timeout_s: float = 5.0
     max_concurrent: int = 16
     api_token: str | None = None
+    clients: ClientSettings = ClientSettings()
 
 
 class SpeculumApp:
@@ -69,14 +71,17 @@ class SpeculumApp:
         # Before the channels exist: the instrumentation wraps channel creation.
         self._tracing = setup_tracing("orchestrator")
         facts = ModelFacts.from_pretrained(config.target_dir)
-        options = message_options(config.max_message_bytes)
-        verifier = GrpcVerifier(grpc.insecure_channel(config.verify_address, options), timeout_s=config.verify_timeout_s)
+        def channel(address: str) -> grpc.Channel:
+            return connect(address, config.clients, config.max_message_bytes)
+
+        verifier = GrpcVerifier(channel(config.verify_address), timeout_s=config.verify_timeout_s)
         drafter = None
         if config.draft_address:
-            drafter = GrpcDrafter(grpc.insecure_channel(config.draft_address, options), timeout_s=config.draft_timeout_s)
+            drafter = GrpcDrafter(channel(config.draft_address), timeout_s=config.draft_timeout_s,
+                                  round_deadline_s=config.clients.draft_round_deadline_s)
         encoder = None
         if config.encoder_address:
-            encoder = GrpcImageEncoder(grpc.insecure_channel(config.encoder_address, options))
+            encoder = GrpcImageEncoder(channel(config.encoder_address))
         prompts = PromptBuilder.from_pretrained(config.target_dir, facts)
         self.engine = Engine(facts, prompts, verifier, drafter, encoder)
         self._threads = ThreadPoolExecutor(max_workers=config.max_concurrent, thread_name_prefix="loop")

@@ -3,7 +3,8 @@
 Settings from the environment (the k8s ConfigMap): SPECULUM_TARGET_DIR, SPECULUM_VERIFY_ADDRESS,
 SPECULUM_DRAFT_ADDRESS (empty: no speculation), SPECULUM_ENCODER_ADDRESS, SPECULUM_PUBLIC_PORT
 (50051), SPECULUM_HTTP_PORT (8000, Serve's /-/healthz), SPECULUM_HTTP_HOST (127.0.0.1; 0.0.0.0 in
-a pod), SPECULUM_ORCHESTRATOR_REPLICAS (1), SPECULUM_API_TOKEN (unset: no bearer-token check).
+a pod), SPECULUM_ORCHESTRATOR_REPLICAS (1), SPECULUM_API_TOKEN (unset: no bearer-token check),
+SPECULUM_TLS_CA (TLS towards the services), SPECULUM_DRAFT_ROUND_DEADLINE_S (1.0).
 Runs until SIGTERM, then shuts Ray Serve down.
 """
 
@@ -19,6 +20,7 @@ from pathlib import Path
 from orchestrator import ray_runtime
 from orchestrator.serve_app import OrchestratorConfig
 from speculum.logs import setup_logging
+from speculum.rpc.settings import ClientSettings
 
 
 def config_from_env() -> tuple[OrchestratorConfig, ray_runtime.RayServeSettings]:
@@ -30,6 +32,7 @@ def config_from_env() -> tuple[OrchestratorConfig, ray_runtime.RayServeSettings]
         encoder_address=env.get("SPECULUM_ENCODER_ADDRESS") or None,
         max_message_bytes=int(env.get("SPECULUM_MAX_MESSAGE_BYTES", OrchestratorConfig.max_message_bytes)),
         api_token=env.get("SPECULUM_API_TOKEN") or None,
+        clients=ClientSettings.from_env(),
     )
     settings = ray_runtime.RayServeSettings(
         grpc_port=int(env.get("SPECULUM_PUBLIC_PORT", "50051")),
