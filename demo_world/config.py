@@ -78,6 +78,9 @@ class TrainConfig:
     batch_size: int = 16
     lr: float = 1e-3
     vision_lr: float = 1e-3  # the vision tower and projector get their own peak learning rate
+    # Weight of the training-only patch probe (shape/colour/size of what covers each patch) added to
+    # the answer loss; 0 turns it off. It gives the vision tower the direct signal shapes need.
+    probe_weight: float = 1.0
     warmup_steps: int = 100
     min_lr_ratio: float = 0.1  # cosine decays to this fraction of the peak
     weight_decay: float = 0.01
@@ -92,6 +95,8 @@ class TrainConfig:
             raise ValueError("steps and batch_size must be positive, warmup_steps non-negative")
         if self.hold_steps < 0:
             raise ValueError("hold_steps must be non-negative")
+        if self.probe_weight < 0:
+            raise ValueError("probe_weight must be non-negative")
         if abs(sum(w for _, w in self.mix) - 1.0) > 1e-6:
             raise ValueError("mix weights must sum to 1")
 

@@ -18,7 +18,7 @@ from PIL import Image
 from transformers import PreTrainedTokenizerBase
 
 from demo_world.config import RecipeConfig
-from demo_world.scenes import SceneConfig, render, scene_for_seed
+from demo_world.scenes import Scene, SceneConfig, patch_labels, render, scene_for_seed
 from demo_world.tasks import Example, Kind, make_example
 from demo_world.text_corpus import TEXT_KIND, make_text_example, split_docstrings
 from speculum.chat_tokenizer import IMAGE, train_chat_tokenizer
@@ -28,10 +28,11 @@ IGNORE = -100  # label value that cross-entropy skips
 
 @dataclass(frozen=True)
 class Sample:
-    """One training or evaluation item: an example and, unless text-only, its image."""
+    """One training or evaluation item: an example and, unless text-only, its image and scene."""
 
     example: Example
     image: Image.Image | None
+    scene: Scene | None = None
 
 
 @dataclass(frozen=True)
@@ -42,6 +43,8 @@ class Batch:
     attention_mask: torch.Tensor  # [B, T]
     labels: torch.Tensor  # [B, T], IGNORE outside answers
     pixel_values: torch.Tensor | None  # [num_images, 3, H, W]
+    # Training-only targets of the auxiliary vision heads: shape, colour and size class per patch.
+    patch_labels: torch.Tensor | None = None  # [num_images, N, 3]
 
 
 def sample_item(rng: random.Random, config: RecipeConfig, held_out: bool = False) -> Sample:
@@ -59,7 +62,7 @@ def make_item(kind: str, rng: random.Random, scenes: SceneConfig, held_out: bool
         scene = scene_for_seed(rng.getrandbits(63), scenes)
         example = make_example(Kind(kind), scene, rng)
         if example is not None:
-            return Sample(example, render(scene, scenes))
+            return Sample(example, render(scene, scenes), scene)
 
 
 def step_items(config: RecipeConfig, step: int) -> list[Sample]:
@@ -104,8 +107,10 @@ def answer_ids(tokenizer: PreTrainedTokenizerBase, answer: str) -> list[int]:
     return tokenizer(" " + answer, add_special_tokens=False).input_ids + [tokenizer.eos_token_id]
 
 
-def collate(items: list[Sample], tokenizer: PreTrainedTokenizerBase, image_processor, visual_tokens: int) -> Batch:
-    """Tokenise, right-pad and label `items`; images go through the shipped image processor."""
+def collate(items: list[Sample], tokenizer: PreTrainedTokenizerBase, image_processor, visual_tokens: int,
+            scenes: SceneConfig | None = None) -> Batch:
+    """Tokenise, right-pad and label `items`; images go through the shipped image processor.
+    With `scenes`, also the per-patch labels of every image (for the auxiliary vision loss)."""
     rows, labels = [], []
     for item in items:
         prompt = prompt_ids(tokenizer, item.example.prompt, item.image is not None, visual_tokens)
@@ -119,4 +124,9 @@ def collate(items: list[Sample], tokenizer: PreTrainedTokenizerBase, image_proce
     mask = torch.tensor([[1] * len(r) + [0] * (width - len(r)) for r in rows])
     images = [item.image for item in items if item.image is not None]
     pixels = image_processor(images, return_tensors="pt").pixel_values if images else None
-    return Batch(input_ids, mask, label_ids, pixels)
+    patches = None
+    if scenes is not None and images:
+        patch_size = scenes.image_size // round(visual_tokens ** 0.5)
+        per_image = [patch_labels(item.scene, scenes, patch_size) for item in items if item.image is not None]
+        patches = torch.tensor([list(zip(p.shape, p.colour, p.size)) for p in per_image])
+    return Batch(input_ids, mask, label_ids, pixels, patches)

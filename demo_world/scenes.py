@@ -115,17 +115,17 @@ def _font(pixels: int) -> ImageFont.FreeTypeFont:
     return ImageFont.load_default(size=pixels)
 
 
-def render(scene: Scene, config: SceneConfig) -> Image.Image:
-    """Draw `scene` as an RGB image of `config.image_size` pixels per side."""
+def _draw(scene: Scene, config: SceneConfig, mode: str, background, fill_of, letter_fill) -> Image.Image:
+    """Draw `scene` supersampled; `fill_of(index, obj)` gives each object's fill, `letter_fill` the letter's."""
     big = config.image_size * SUPERSAMPLE
     cell = big / GRID
-    image = Image.new("RGB", (big, big), BACKGROUND)
+    image = Image.new(mode, (big, big), background)
     draw = ImageDraw.Draw(image)
-    for obj in scene.objects:
+    for index, obj in enumerate(scene.objects):
         cx = (obj.col + 0.5 + obj.dx) * cell
         cy = (obj.row + 0.5 + obj.dy) * cell
         r = RADIUS[obj.size] * cell
-        fill = COLOURS[obj.colour]
+        fill = fill_of(index, obj)
         if obj.shape == "circle":
             draw.ellipse((cx - r, cy - r, cx + r, cy + r), fill=fill)
         elif obj.shape == "square":
@@ -136,6 +136,57 @@ def render(scene: Scene, config: SceneConfig) -> Image.Image:
     if scene.letter is not None:
         cx = (scene.letter.col + 0.5) * cell
         cy = (scene.letter.row + 0.5) * cell
-        draw.text((cx, cy), scene.letter.char, fill=(20, 20, 20), font=_font(int(cell * 0.8)), anchor="mm",
-                  stroke_width=max(1, int(cell * 0.05)), stroke_fill=(20, 20, 20))
+        draw.text((cx, cy), scene.letter.char, fill=letter_fill, font=_font(int(cell * 0.8)), anchor="mm",
+                  stroke_width=max(1, int(cell * 0.05)), stroke_fill=letter_fill)
+    return image
+
+
+def render(scene: Scene, config: SceneConfig) -> Image.Image:
+    """Draw `scene` as an RGB image of `config.image_size` pixels per side."""
+    image = _draw(scene, config, "RGB", BACKGROUND, lambda _i, obj: COLOURS[obj.colour], (20, 20, 20))
     return image.resize((config.image_size, config.image_size), Image.Resampling.BOX)
+
+
+# Per-patch label classes (0 = nothing covers the patch enough). A letter counts as its own "shape".
+PATCH_SHAPES = ("none",) + SHAPES + ("letter",)
+PATCH_COLOURS = ("none",) + tuple(COLOURS)
+PATCH_SIZES = ("none",) + SIZES
+MIN_COVER = 0.15  # share of a patch an object must cover to be that patch's label
+
+
+@dataclass(frozen=True)
+class PatchLabels:
+    """Class ids per patch in row-major order (the order of the vision tower's patch tokens)."""
+
+    shape: tuple[int, ...]  # index into PATCH_SHAPES
+    colour: tuple[int, ...]  # index into PATCH_COLOURS
+    size: tuple[int, ...]  # index into PATCH_SIZES
+
+
+def patch_labels(scene: Scene, config: SceneConfig, patch_size: int) -> PatchLabels:
+    """What covers each `patch_size` patch of the rendered image: the object (or letter) with the largest
+    area in it, if that area is at least `MIN_COVER` of the patch. Exact, since the scene is known."""
+    letter_id = len(scene.objects) + 1
+    mask = _draw(scene, config, "L", 0, lambda i, _obj: i + 1, letter_id)
+    side = patch_size * SUPERSAMPLE
+    grid = config.image_size // patch_size
+    pixels = mask.tobytes()
+    width = mask.width
+    shape, colour, size = [], [], []
+    for row in range(grid):
+        for col in range(grid):
+            counts = [0] * (letter_id + 1)
+            for y in range(row * side, (row + 1) * side):
+                for value in pixels[y * width + col * side:y * width + (col + 1) * side]:
+                    counts[value] += 1
+            owner = max(range(1, letter_id + 1), key=counts.__getitem__)
+            if counts[owner] < MIN_COVER * side * side:
+                shape.append(0), colour.append(0), size.append(0)
+            elif owner == letter_id:
+                shape.append(len(PATCH_SHAPES) - 1), colour.append(0), size.append(0)
+            else:
+                obj = scene.objects[owner - 1]
+                shape.append(PATCH_SHAPES.index(obj.shape))
+                colour.append(PATCH_COLOURS.index(obj.colour))
+                size.append(PATCH_SIZES.index(obj.size))
+    return PatchLabels(tuple(shape), tuple(colour), tuple(size))

@@ -17,11 +17,13 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 from tqdm import tqdm
 from transformers import LlavaForConditionalGeneration, PreTrainedTokenizerBase
 
 from demo_world.config import RecipeConfig, TrainConfig
 from demo_world.data import IGNORE, Batch, collate, step_items
+from demo_world.scenes import PATCH_COLOURS, PATCH_SHAPES, PATCH_SIZES
 
 CHECKPOINT = "checkpoint.pt"
 LOG = "train_log.jsonl"
@@ -45,9 +47,32 @@ def lr_factor(step: int, config: TrainConfig) -> float:
     return config.min_lr_ratio + (1 - config.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
 
 
-def make_optimizer(model: LlavaForConditionalGeneration, config: TrainConfig) -> torch.optim.AdamW:
-    """AdamW with two groups: the vision side (tower + projector) has its own peak learning rate."""
+class PatchProbe(nn.Module):
+    """Training-only linear heads on the projector's output: the shape, colour and size class of what
+    covers each patch. The LM loss reaches the vision tower only weakly (shape recognition stalled
+    without this); these give it a direct gradient. Never shipped: the export is the plain LLaVA."""
+
+    def __init__(self, hidden: int, seed: int) -> None:
+        super().__init__()
+        with torch.random.fork_rng(devices=[]):  # seeded, and the global RNG stream is left as it was
+            torch.manual_seed(seed)
+            self.shape = nn.Linear(hidden, len(PATCH_SHAPES))
+            self.colour = nn.Linear(hidden, len(PATCH_COLOURS))
+            self.size = nn.Linear(hidden, len(PATCH_SIZES))
+
+    def loss(self, features: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """Mean of the three per-patch cross-entropies. features [I, N, D], labels [I, N, 3]."""
+        assert features.shape[:2] == labels.shape[:2], (features.shape, labels.shape)
+        flat, targets = features.reshape(-1, features.shape[-1]), labels.reshape(-1, 3)
+        heads = (self.shape, self.colour, self.size)
+        return sum(F.cross_entropy(head(flat), targets[:, i]) for i, head in enumerate(heads)) / len(heads)
+
+
+def make_optimizer(model: LlavaForConditionalGeneration, config: TrainConfig, probe: nn.Module | None = None
+                   ) -> torch.optim.AdamW:
+    """AdamW with two groups: the vision side (tower + projector, and the probe) has its own peak learning rate."""
     vision = [p for n, p in model.named_parameters() if n.startswith(("model.vision_tower", "model.multi_modal_projector"))]
+    vision += list(probe.parameters()) if probe is not None else []
     vision_ids = {id(p) for p in vision}
     text = [p for p in model.parameters() if id(p) not in vision_ids]
     return torch.optim.AdamW(
@@ -57,22 +82,36 @@ def make_optimizer(model: LlavaForConditionalGeneration, config: TrainConfig) ->
     )
 
 
-def answer_loss(model: LlavaForConditionalGeneration, batch: Batch) -> torch.Tensor:
-    """Mean cross-entropy over answer tokens. The LM head runs only on those positions: with a
-    1.5k vocabulary it would otherwise cost more than a decoder layer per step."""
-    hidden = model.model(
-        input_ids=batch.input_ids, attention_mask=batch.attention_mask, pixel_values=batch.pixel_values
-    ).last_hidden_state  # [B, T, D]
+def answer_loss(model: LlavaForConditionalGeneration, batch: Batch, probe: PatchProbe | None = None,
+                probe_weight: float = 0.0) -> torch.Tensor:
+    """Mean cross-entropy over answer tokens (plus `probe_weight` x the probe's patch loss, if the batch
+    has images). The LM head runs only on answer positions: with a 1.5k vocabulary it would otherwise
+    cost more than a decoder layer per step."""
+    captured = []
+    use_probe = probe is not None and probe_weight > 0 and batch.patch_labels is not None
+    hook = (model.model.multi_modal_projector.register_forward_hook(lambda _m, _i, out: captured.append(out))
+            if use_probe else None)
+    try:
+        hidden = model.model(
+            input_ids=batch.input_ids, attention_mask=batch.attention_mask, pixel_values=batch.pixel_values
+        ).last_hidden_state  # [B, T, D]
+    finally:
+        if hook is not None:
+            hook.remove()
     targets = batch.labels[:, 1:]  # [B, T-1]
     keep = targets != IGNORE
     logits = model.lm_head(hidden[:, :-1][keep])  # [answer tokens, V]
-    return F.cross_entropy(logits, targets[keep])
+    loss = F.cross_entropy(logits, targets[keep])
+    if use_probe:
+        loss = loss + probe_weight * probe.loss(captured[0], batch.patch_labels)
+    return loss
 
 
-def _save_checkpoint(path: Path, model, optimizer, scheduler, step: int, loss_ema: float) -> None:
+def _save_checkpoint(path: Path, model, probe, optimizer, scheduler, step: int, loss_ema: float) -> None:
     state = {
         "step": step,
         "model": model.state_dict(),
+        "probe": probe.state_dict(),
         "optimizer": optimizer.state_dict(),
         "scheduler": scheduler.state_dict(),
         "torch_rng": torch.get_rng_state(),
@@ -100,13 +139,15 @@ def train(
     """
     tc = config.train
     run_dir.mkdir(parents=True, exist_ok=True)
-    optimizer = make_optimizer(model, tc)
+    probe = PatchProbe(config.model.text_hidden, tc.seed + 1)
+    optimizer = make_optimizer(model, tc, probe)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, tc))
     start, loss_ema = 0, float("nan")
     checkpoint = run_dir / CHECKPOINT
     if checkpoint.exists():
         state = torch.load(checkpoint, weights_only=False)
         model.load_state_dict(state["model"])
+        probe.load_state_dict(state["probe"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         torch.set_rng_state(state["torch_rng"])
@@ -115,8 +156,9 @@ def train(
     model.train()
     with open(run_dir / LOG, "a") as log, tqdm(total=tc.total_steps, initial=start, desc="train target", unit="step") as bar:
         for step in range(start, min(tc.total_steps, stop_after or tc.total_steps)):
-            batch = collate(step_items(config, step), tokenizer, image_processor, config.model.visual_tokens)
-            loss = answer_loss(model, batch)
+            batch = collate(step_items(config, step), tokenizer, image_processor, config.model.visual_tokens,
+                            config.scenes if tc.probe_weight > 0 else None)
+            loss = answer_loss(model, batch, probe, tc.probe_weight)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip)
@@ -138,6 +180,6 @@ def train(
             log.write(json.dumps(record) + "\n")
             log.flush()
             if done % tc.checkpoint_every == 0 or done in (tc.total_steps, stop_after):
-                _save_checkpoint(checkpoint, model, optimizer, scheduler, done, loss_ema)
+                _save_checkpoint(checkpoint, model, probe, optimizer, scheduler, done, loss_ema)
     model.eval()
     return TrainResult(min(tc.total_steps, stop_after or tc.total_steps), start, loss_ema, time.monotonic() - began)

@@ -24,7 +24,10 @@ CHAT_TEMPLATE = (
     "{% else %}{% for c in m['content'] %}"
     "{% if c['type'] == 'image' %}<image>\n{% else %}{{ c['text'] }}{% endif %}"
     "{% endfor %}{% endif %}"
-    "{% if m['role'] == 'assistant' %}{{ eos_token }}{% endif %}\n"
+    "{% if m['role'] == 'assistant' %}{{ eos_token }}{% endif %}"
+    # An expression, not a literal newline: the chat-template renderer runs Jinja with trim_blocks,
+    # which drops a newline written right after a block tag (it used to fuse "ASSISTANT:" onto the prompt).
+    "{{ '\\n' }}"
     "{% endfor %}"
     "{% if add_generation_prompt %}ASSISTANT:{% endif %}"
 )

@@ -4,6 +4,7 @@ bit-identical resumption, and the shipped target answering held-out questions.""
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import random
 from pathlib import Path
 
@@ -11,14 +12,16 @@ import pytest
 import torch
 from transformers import AutoImageProcessor, AutoProcessor, AutoTokenizer, LlavaForConditionalGeneration
 
+from demo_world.__main__ import main as demo_world_main
 from demo_world.config import FULL, MICRO
 from demo_world.data import answer_ids, build_tokenizer, collate, prompt_ids, step_items
 from demo_world.evaluate import greedy_answer, heldout_items
 from demo_world.model import build_image_processor, build_model, save_target
-from demo_world.scenes import render, scene_for_seed
+from demo_world.scenes import (PATCH_COLOURS, PATCH_SHAPES, PATCH_SIZES, Letter, Scene, SceneObject, patch_labels,
+                               render, scene_for_seed)
 from demo_world.tasks import Kind, describe, key_facts
 from demo_world.text_corpus import split_docstrings
-from demo_world.train import train
+from demo_world.train import PatchProbe, answer_loss, train
 
 SHIPPED = Path(__file__).resolve().parents[1] / "models" / "demo" / "target"
 
@@ -68,11 +71,39 @@ def test_prompt_layout_matches_the_engine(micro_tokenizer):
     rendered = tok.apply_chat_template(
         [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "How many objects are there?"}]}],
         add_generation_prompt=True, tokenize=False)
-    assert rendered.startswith("<s>USER: <image>\n") and rendered.endswith("ASSISTANT:")
+    # The prompt and "ASSISTANT:" are on separate lines, as in the tokenizer's training texts (the
+    # template's trim_blocks once fused them).
+    assert rendered == "<s>USER: <image>\nHow many objects are there?\nASSISTANT:"
     # Tokenising prompt and answer apart gives the same ids as the joint string the model sees.
     joint = tok(rendered + " There are two objects.", add_special_tokens=False).input_ids
     apart = tok(rendered, add_special_tokens=False).input_ids + answer_ids(tok, "There are two objects.")[:-1]
     assert joint == apart
+
+
+def test_multi_turn_template_keeps_turns_on_their_own_lines(micro_tokenizer):
+    rendered = micro_tokenizer.apply_chat_template(
+        [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello."},
+         {"role": "user", "content": "Again"}], add_generation_prompt=True, tokenize=False)
+    assert rendered == "<s>USER: Hi\nASSISTANT: Hello.</s>\nUSER: Again\nASSISTANT:"
+
+
+def test_patch_labels_name_what_covers_each_patch():
+    centre = SceneObject(shape="triangle", colour="blue", size="large", row=1, col=1, dx=0.0, dy=0.0)
+    corner = SceneObject(shape="circle", colour="red", size="small", row=0, col=0, dx=0.0, dy=0.0)
+    scene = Scene(objects=(corner, centre), letter=Letter(char="K", row=2, col=2))
+    labels = patch_labels(scene, FULL.scenes, patch_size=8)
+    grid = FULL.scenes.image_size // 8
+    assert len(labels.shape) == len(labels.colour) == len(labels.size) == grid * grid
+
+    def at(x, y):  # the labels of the patch holding pixel (x, y)
+        i = (y // 8) * grid + x // 8
+        return PATCH_SHAPES[labels.shape[i]], PATCH_COLOURS[labels.colour[i]], PATCH_SIZES[labels.size[i]]
+
+    third = FULL.scenes.image_size / 3
+    assert at(int(1.5 * third), int(1.5 * third)) == ("triangle", "blue", "large")
+    assert at(int(0.5 * third), int(0.5 * third)) == ("circle", "red", "small")
+    assert at(int(2.5 * third), int(2.5 * third)) == ("letter", "none", "none")
+    assert at(int(2.5 * third), int(0.5 * third)) == ("none", "none", "none")  # an empty cell
 
 
 def _fresh(config, tokenizer):
@@ -136,3 +167,30 @@ def test_shipped_target_answers_heldout_count_questions():
     # one constant answer would score about 0.2 (1-5 objects, uniform). These 10 give 6 right.
     assert sum(right) >= 5, list(zip(answers, [it.example.answer for it in items]))
     assert all(a.startswith("There ") and a.endswith(".") for a in answers)
+
+
+def test_probe_adds_a_vision_gradient(micro_tokenizer):
+    torch.set_num_threads(2)
+    tok, config = micro_tokenizer, MICRO
+    image_processor = build_image_processor(config.model)
+    items = [it for it in step_items(config, 0) if it.image is not None]
+    batch = collate(items, tok, image_processor, config.model.visual_tokens, config.scenes)
+    assert batch.patch_labels.shape == (len(items), config.model.visual_tokens, 3)
+    assert batch.patch_labels[..., 0].any()  # some patch is covered by an object
+    probe = PatchProbe(config.model.text_hidden, seed=1)
+    grads = []
+    for weight in (0.0, 1.0):
+        model = _fresh(config, tok)
+        answer_loss(model, batch, probe, weight).backward()
+        patch_embedding = next(p for n, p in model.named_parameters() if n.endswith("patch_embedding.weight"))
+        grads.append(patch_embedding.grad.clone())
+    assert not torch.allclose(grads[0], grads[1])
+
+
+def test_micro_build_twice_from_the_seed_gives_identical_weights(tmp_path):
+    hashes = []
+    for name in ("first", "second"):
+        out = tmp_path / name
+        demo_world_main(["build", "--preset", "micro", "--out", str(out / "target"), "--run-dir", str(out / "run")])
+        hashes.append(hashlib.sha256((out / "target" / "model.safetensors").read_bytes()).hexdigest())
+    assert hashes[0] == hashes[1]
