@@ -4,7 +4,8 @@ Settings from the environment (the k8s ConfigMap): SPECULUM_TARGET_DIR, SPECULUM
 SPECULUM_DRAFT_ADDRESS (empty: no speculation), SPECULUM_ENCODER_ADDRESS, SPECULUM_PUBLIC_PORT
 (50051), SPECULUM_HTTP_PORT (8000, Serve's /-/healthz), SPECULUM_HTTP_HOST (127.0.0.1; 0.0.0.0 in
 a pod), SPECULUM_ORCHESTRATOR_REPLICAS (1), SPECULUM_API_TOKEN (unset: no bearer-token check),
-SPECULUM_TLS_CA (TLS towards the services), SPECULUM_DRAFT_ROUND_DEADLINE_S (1.0).
+SPECULUM_TLS_CA (TLS towards the services), SPECULUM_DRAFT_ROUND_DEADLINE_S (1.0),
+SPECULUM_METRICS_PORT (9100; replica i on a node serves 9100 + i; `off`: no exporter).
 Runs until SIGTERM, then shuts Ray Serve down.
 """
 
@@ -20,7 +21,7 @@ from pathlib import Path
 from orchestrator import ray_runtime
 from orchestrator.serve_app import OrchestratorConfig
 from speculum.logs import setup_logging
-from speculum.rpc.settings import ClientSettings
+from speculum.rpc.settings import ClientSettings, MetricsSettings
 
 
 def config_from_env() -> tuple[OrchestratorConfig, ray_runtime.RayServeSettings]:
@@ -33,6 +34,8 @@ def config_from_env() -> tuple[OrchestratorConfig, ray_runtime.RayServeSettings]
         max_message_bytes=int(env.get("SPECULUM_MAX_MESSAGE_BYTES", OrchestratorConfig.max_message_bytes)),
         api_token=env.get("SPECULUM_API_TOKEN") or None,
         clients=ClientSettings.from_env(),
+        # Prometheus must reach the pod IP: the exporter binds where Serve's HTTP proxy does.
+        metrics=MetricsSettings.from_env(env.get("SPECULUM_HTTP_HOST", "127.0.0.1")),
     )
     settings = ray_runtime.RayServeSettings(
         grpc_port=int(env.get("SPECULUM_PUBLIC_PORT", "50051")),
