@@ -16,6 +16,7 @@ import asyncio
 import hmac
 import logging
 import threading
+import time
 import uuid
 from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
@@ -28,17 +29,20 @@ from opentelemetry.trace import Span, SpanKind, Status, StatusCode
 from orchestrator.clients import GrpcDrafter, GrpcImageEncoder, GrpcVerifier, connect
 from orchestrator.engine import Engine
 from orchestrator.loop import Chunk
+from orchestrator.metered import MeteredDrafter, MeteredVerifier
 from orchestrator.prompting import PromptBuilder
 from orchestrator.public_api import chunk_to_proto, request_from_proto
 from speculum.errors import SpeculumError, Unauthenticated
+from speculum.metrics import RpcMetrics, SpecMetrics, export, new_registry
 from speculum.model_facts import ModelFacts
-from speculum.rpc.settings import ClientSettings
+from speculum.rpc.settings import ClientSettings, MetricsSettings
 from speculum.rpc.status import code_for
 from speculum.telemetry import call_in_context, context_from_metadata, setup_tracing, tracer
 from speculum.v1 import speculum_pb2
 
 log = logging.getLogger("speculum.orchestrator")
 SERVICER_FUNCTION = "speculum.v1.speculum_pb2_grpc.add_SpeculumServicer_to_server"
+PUBLIC_SERVICE = speculum_pb2.DESCRIPTOR.services_by_name["Speculum"].full_name
 
 
 @dataclass(frozen=True)
@@ -50,7 +54,8 @@ class OrchestratorConfig:
     verify_timeout_s / draft_timeout_s: per-RPC deadlines; a slow drafter is dropped, not waited for.
     max_concurrent: requests one replica steps at once (one thread each).
     api_token: when set, every public call must carry `authorization: Bearer <token>` (off locally).
-    clients: TLS towards the services and the per-round draft deadline."""
+    clients: TLS towards the services and the per-round draft deadline.
+    metrics: the replica's Prometheus exporter (off by default; replica i on a node takes port + i)."""
 
     target_dir: str
     verify_address: str
@@ -62,6 +67,7 @@ class OrchestratorConfig:
     max_concurrent: int = 16
     api_token: str | None = None
     clients: ClientSettings = ClientSettings()
+    metrics: MetricsSettings = MetricsSettings()
 
 
 class SpeculumApp:
@@ -83,6 +89,12 @@ class SpeculumApp:
         if config.encoder_address:
             encoder = GrpcImageEncoder(channel(config.encoder_address))
         prompts = PromptBuilder.from_pretrained(config.target_dir, facts)
+        registry = new_registry()
+        self._rpc_metrics = RpcMetrics(registry)
+        self._spec_metrics = SpecMetrics(registry)
+        verifier = MeteredVerifier(verifier, self._spec_metrics)
+        drafter = None if drafter is None else MeteredDrafter(drafter, self._spec_metrics)
+        self.metrics = export(registry, config.metrics, _replica_metrics_port(config.metrics))
         self.engine = Engine(facts, prompts, verifier, drafter, encoder)
         self._threads = ThreadPoolExecutor(max_workers=config.max_concurrent, thread_name_prefix="loop")
         self._api_token = config.api_token
@@ -91,7 +103,7 @@ class SpeculumApp:
         final = speculum_pb2.GenerateResponse()
         token_ids: list[int] = []
         text = ""
-        async for response, text in self._responses(request, grpc_context):
+        async for response, text in self._metered("Generate", request, grpc_context):
             token_ids.extend(response.token_ids)
             final = response
         final.text = text
@@ -100,8 +112,25 @@ class SpeculumApp:
         return final
 
     async def GenerateStream(self, request: speculum_pb2.GenerateRequest, grpc_context=None):
-        async for response, _ in self._responses(request, grpc_context):
+        async for response, _ in self._metered("GenerateStream", request, grpc_context):
             yield response
+
+    async def _metered(self, method: str, message, grpc_context) -> AsyncIterator[tuple[speculum_pb2.GenerateResponse, str]]:
+        """`_responses`, counted and timed under the call's final status code."""
+        started = time.perf_counter()
+        code = "UNKNOWN"
+        try:
+            async for item in self._responses(message, grpc_context):
+                yield item
+            code = _context_code(grpc_context)
+        except SpeculumError as exc:  # raised only without a gRPC context (direct calls)
+            code = code_for(exc).name
+            raise
+        except (asyncio.CancelledError, GeneratorExit):
+            code = "CANCELLED"
+            raise
+        finally:
+            self._rpc_metrics.observe(PUBLIC_SERVICE, method, code, time.perf_counter() - started)
 
     async def _responses(self, message, grpc_context) -> AsyncIterator[tuple[speculum_pb2.GenerateResponse, str]]:
         """Each round's message (its `text` a delta) with the whole visible text so far."""
@@ -149,6 +178,9 @@ class SpeculumApp:
                 if chunk.finish is not None:
                     response.images.count = len(prepared.request.images)
                     response.images.cache_hits = prepared.image_cache_hits
+                    self._spec_metrics.observe_images(len(prepared.request.images), prepared.image_cache_hits)
+                    if chunk.stats is not None:
+                        self._spec_metrics.observe_request(chunk.stats)
                     span.set_attributes(_finish_attributes(chunk, len(token_ids)))
                 yield response, text
         except SpeculumError as exc:
@@ -180,6 +212,26 @@ def authorize(api_token: str | None, grpc_context) -> None:
     presented = metadata.get("authorization", "")
     if not hmac.compare_digest(presented.encode(), f"Bearer {api_token}".encode()):
         raise Unauthenticated("a valid `authorization: Bearer <token>` header is required")
+
+
+def _context_code(grpc_context) -> str:
+    """The status a finished call leaves with (`_fail` sets it on the context)."""
+    code = grpc_context.code() if grpc_context is not None else None
+    return "OK" if code is None else code.name
+
+
+def _replica_metrics_port(settings: MetricsSettings) -> int | None:
+    """Replica i on a node serves `settings.port + i`: replicas in one pod share its network.
+    Only replica 0's port (9100) is in the pod's scrape annotation; see README "Operations"."""
+    if not settings.port:
+        return settings.port
+    from ray import serve
+    from ray.serve.exceptions import RayServeException
+
+    try:
+        return settings.port + serve.get_replica_context().rank.local_rank
+    except RayServeException:  # built outside Serve (tests construct the app directly)
+        return settings.port
 
 
 def _request_span(request_id: str, grpc_context) -> Span:

@@ -1,0 +1,197 @@
+"""Prometheus metrics, scraped over HTTP from real servers: the counts move when calls happen.
+
+The three gRPC services run in this process with their exporters on free ports; the orchestrator
+app is built directly (no Ray: test_loadtest.py scrapes a replica inside Ray Serve) and driven
+through its public methods, so its requests reach the services over real gRPC.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import urllib.request
+
+import grpc
+import pytest
+from prometheus_client import CollectorRegistry
+from prometheus_client.parser import text_string_to_metric_families
+
+from conftest import png_bytes
+from draft_service import server as draft_server
+from draft_service.ngram import NgramDrafter
+from orchestrator.serve_app import OrchestratorConfig, SpeculumApp
+from speculum.errors import InvalidArgument
+from speculum.local_redis import RedisServer
+from speculum.metrics import SessionCollector, export
+from speculum.rpc.settings import MetricsSettings, ServerSettings, SessionSettings
+from speculum.sessions import SessionStore
+from speculum.v1 import common_pb2, session_pb2, speculum_pb2, verifier_pb2, verifier_pb2_grpc
+from verify_service import server as verify_server
+from vision_encoder import server as encoder_server
+from vision_encoder.cache import CacheSettings
+
+METERED = ServerSettings(port=0, metrics=MetricsSettings(port=0))
+
+
+def scrape(port: int) -> dict[tuple[str, frozenset], float]:
+    """GET /metrics and parse it: {(sample name, labels): value}."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as response:
+        assert response.status == 200
+        text = response.read().decode()
+    return {
+        (sample.name, frozenset(sample.labels.items())): sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+    }
+
+
+def handled(samples, service: str, method: str, code: str) -> float:
+    labels = frozenset({"grpc_service": service, "grpc_method": method, "grpc_code": code}.items())
+    return samples.get(("grpc_server_handled_total", labels), 0.0)
+
+
+def value(samples, name: str) -> float:
+    return samples.get((name, frozenset()), 0.0)
+
+
+@pytest.fixture(scope="module")
+def services(llava_engine, llava_dir):
+    with RedisServer() as redis:
+        verifier = verify_server.serve(llava_engine.target, METERED, SessionSettings(max_sessions=8))
+        drafter = draft_server.serve(NgramDrafter(), METERED, SessionSettings())
+        encoder = encoder_server.serve(llava_dir, METERED, CacheSettings(redis_url=redis.url))
+        yield verifier, drafter, encoder
+        for server in (verifier, drafter, encoder):
+            server.stop()
+
+
+@pytest.fixture(scope="module")
+def app(services, llava_dir):
+    verifier, drafter, encoder = services
+    config = OrchestratorConfig(str(llava_dir), verifier.address, drafter.address, encoder.address,
+                                metrics=MetricsSettings(port=0))
+    app = SpeculumApp(config)
+    yield app
+    app.metrics.close()
+
+
+def generate(app: SpeculumApp, prompt: str, images=(), max_new: int = 12) -> speculum_pb2.GenerateResponse:
+    request = speculum_pb2.GenerateRequest(
+        prompt=prompt, images=list(images), sampling=common_pb2.SamplingParams(max_new_tokens=max_new)
+    )
+    return asyncio.run(app.Generate(request))
+
+
+def test_a_request_moves_every_services_counters(services, app):
+    verifier, drafter, encoder = services
+    before = {name: scrape(s.metrics.port) for name, s in zip(("verify", "draft", "encoder"), services)}
+    before_app = scrape(app.metrics.port)
+    image = png_bytes(31)
+
+    first = generate(app, "Describe the image.", [image])
+    second = generate(app, "What is in it?", [image])
+    assert (first.images.cache_hits, second.images.cache_hits) == (0, 1)
+
+    verify, draft, enc = (scrape(s.metrics.port) for s in services)
+    # the verifier: one Prefill and one Verify per round, per request, all OK; sessions released
+    assert handled(verify, "speculum.v1.Verifier", "Prefill", "OK") - handled(
+        before["verify"], "speculum.v1.Verifier", "Prefill", "OK") == 2
+    rounds = first.speculation.target_forwards + second.speculation.target_forwards
+    assert handled(verify, "speculum.v1.Verifier", "Verify", "OK") - handled(
+        before["verify"], "speculum.v1.Verifier", "Verify", "OK") == rounds
+    latency = frozenset({"grpc_service": "speculum.v1.Verifier", "grpc_method": "Verify", "grpc_code": "OK"}.items())
+    assert verify[("grpc_server_handling_seconds_count", latency)] >= rounds
+    assert value(verify, "speculum_sessions_live") == 0
+    assert value(verify, "speculum_sessions_opened_total") - value(before["verify"], "speculum_sessions_opened_total") == 2
+    assert value(verify, "speculum_sessions_released_total") == value(verify, "speculum_sessions_opened_total")
+    # the drafter: a Draft stream per round
+    assert handled(draft, "speculum.v1.Drafter", "Draft", "OK") > handled(before["draft"], "speculum.v1.Drafter", "Draft", "OK")
+    assert value(draft, "speculum_sessions_live") == 0
+    # the encoder: a miss, then a hit on the same image
+    assert value(enc, "speculum_image_cache_misses_total") - value(before["encoder"], "speculum_image_cache_misses_total") == 1
+    assert value(enc, "speculum_image_cache_hits_total") - value(before["encoder"], "speculum_image_cache_hits_total") == 1
+    assert handled(enc, "speculum.v1.VisionEncoder", "Encode", "OK") - handled(
+        before["encoder"], "speculum.v1.VisionEncoder", "Encode", "OK") == 2
+
+    orchestrator = scrape(app.metrics.port)
+    assert handled(orchestrator, "speculum.v1.Speculum", "Generate", "OK") - handled(
+        before_app, "speculum.v1.Speculum", "Generate", "OK") == 2
+    assert value(orchestrator, "speculum_mean_accepted_length_count") - value(
+        before_app, "speculum_mean_accepted_length_count") == 2
+    tau_sum = first.speculation.mean_accepted_length + second.speculation.mean_accepted_length
+    assert value(orchestrator, "speculum_mean_accepted_length_sum") - value(
+        before_app, "speculum_mean_accepted_length_sum") == pytest.approx(tau_sum, abs=1e-3)
+    assert value(orchestrator, "speculum_verify_round_seconds_count") - value(
+        before_app, "speculum_verify_round_seconds_count") == rounds
+    assert value(orchestrator, "speculum_draft_round_seconds_count") > value(before_app, "speculum_draft_round_seconds_count")
+    accepted = first.speculation.accepted_tokens + second.speculation.accepted_tokens
+    assert value(orchestrator, "speculum_accepted_tokens_total") - value(before_app, "speculum_accepted_tokens_total") == accepted
+    assert value(orchestrator, "speculum_request_image_cache_hits_total") - value(
+        before_app, "speculum_request_image_cache_hits_total") == 1
+
+
+def test_failed_calls_are_counted_under_their_status(services, app):
+    verifier, *_ = services
+    before = scrape(verifier.metrics.port)
+    with grpc.insecure_channel(verifier.address) as channel:
+        stub = verifier_pb2_grpc.VerifierStub(channel)
+        with pytest.raises(grpc.RpcError) as caught:
+            stub.Prefill(verifier_pb2.VerifierPrefillRequest(session_id=""), timeout=10)
+        assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        with pytest.raises(grpc.RpcError) as caught:
+            stub.Verify(verifier_pb2.VerifyRequest(session_id="no-such-session"), timeout=10)
+        assert caught.value.code() == grpc.StatusCode.NOT_FOUND
+        stub.Release(session_pb2.ReleaseRequest(session_id="no-such-session"), timeout=10)
+    after = scrape(verifier.metrics.port)
+    for method, code in (("Prefill", "INVALID_ARGUMENT"), ("Verify", "NOT_FOUND"), ("Release", "OK")):
+        assert handled(after, "speculum.v1.Verifier", method, code) - handled(
+            before, "speculum.v1.Verifier", method, code) == 1, (method, code)
+
+    before_app = scrape(app.metrics.port)
+    with pytest.raises(InvalidArgument):
+        generate(app, "")
+    after_app = scrape(app.metrics.port)
+    assert handled(after_app, "speculum.v1.Speculum", "Generate", "INVALID_ARGUMENT") - handled(
+        before_app, "speculum.v1.Speculum", "Generate", "INVALID_ARGUMENT") == 1
+
+
+def test_health_checks_are_not_counted(services):
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    verifier, *_ = services
+    with grpc.insecure_channel(verifier.address) as channel:
+        health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=10)
+    assert not any("grpc.health" in str(labels) for _, labels in scrape(verifier.metrics.port))
+
+
+def test_session_gauge_and_evictions():
+    store: SessionStore[str] = SessionStore(ttl_s=60, max_sessions=2, evict_when_full=True)
+    registry = CollectorRegistry()
+    registry.register(SessionCollector(store))
+    exporter = export(registry, MetricsSettings(port=0))
+    try:
+        for name in "abc":
+            store.open(name, name)
+        samples = scrape(exporter.port)
+        assert value(samples, "speculum_sessions_live") == 2
+        assert value(samples, "speculum_sessions_evicted_total") == 1
+        assert value(samples, "speculum_sessions_opened_total") == 3
+        store.release("b")
+        store.release("c")
+        samples = scrape(exporter.port)
+        assert value(samples, "speculum_sessions_live") == 0
+        assert value(samples, "speculum_sessions_released_total") == 2
+    finally:
+        exporter.close()
+
+
+@pytest.mark.parametrize("env, port", [(None, 9100), ("off", None), ("0", 0), ("9200", 9200)])
+def test_metrics_port_setting(monkeypatch, env, port):
+    if env is None:
+        monkeypatch.delenv("SPECULUM_METRICS_PORT", raising=False)
+    else:
+        monkeypatch.setenv("SPECULUM_METRICS_PORT", env)
+    monkeypatch.setenv("SPECULUM_VERIFY_HOST", "0.0.0.0")
+    monkeypatch.delenv("SPECULUM_METRICS_HOST", raising=False)
+    settings = ServerSettings.from_env("VERIFY")
+    assert settings.metrics == MetricsSettings(port=port, host="0.0.0.0")
+    assert ServerSettings().metrics.port is None  # servers built in code export nothing unless asked
