@@ -4,16 +4,19 @@ Speculative sampling follows Leviathan et al. (arXiv 2211.17192) / Chen et al. (
 accept draft token x with probability min(1, target_probs[x] / draft_probs[x]); at the first
 rejection emit a *recovered* token from norm(max(0, target_probs - draft_probs)); when every draft
 is accepted emit a *bonus* token from the target's next distribution. Drafters that send no
-probabilities (n-gram) are one-hot drafts: draft_probs[x] = 1. Pure tensor math, no model here.
+probabilities (n-gram) are one-hot drafts: draft_probs[x] = 1. Candidate trees are checked branch by branch (greedy, and
+recursive rejection sampling). Pure tensor math, no model here.
 """
 
 from __future__ import annotations
 
 import enum
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 
+from speculum import tree
 from speculum.sampling import sample
 
 
@@ -87,3 +90,75 @@ def _residual(target_probs: torch.Tensor, draft_probs: torch.Tensor | None, draf
     if total <= 0:  # only reachable through rounding when the two distributions coincide
         return target_probs
     return residual / total
+
+
+@dataclass(frozen=True)
+class TreeVerdict:
+    """The outcome of checking a candidate tree: the accepted branch, then `next_token`.
+
+    path: accepted node indices from the pending token's child downwards (a branch of the tree).
+    """
+
+    path: tuple[int, ...]
+    next_token: int
+    next_kind: NextTokenKind
+
+
+def verify_tree_greedy(draft_tokens: Sequence[int], parents: Sequence[int], target_logits: torch.Tensor) -> TreeVerdict:
+    """Walk down the tree while some child is the target's argmax; then the argmax after it.
+
+    draft_tokens: [N] · parents: [N] (see speculum.tree) · target_logits: [N + 1, V], row 0 the
+    pending token's, row i + 1 node i's.
+    """
+    assert target_logits.shape[0] == len(draft_tokens) + 1, (target_logits.shape, len(draft_tokens))
+    target_tokens = target_logits.argmax(dim=-1).tolist()
+    kids = tree.children(parents)
+    path: list[int] = []
+    row = 0
+    while True:
+        match = next((c for c in kids[row] if draft_tokens[c] == target_tokens[row]), None)
+        if match is None:
+            return TreeVerdict(tuple(path), target_tokens[row], NextTokenKind.BONUS)
+        path.append(match)
+        row = match + 1
+
+
+def verify_tree_sampling(
+    draft_tokens: Sequence[int],
+    parents: Sequence[int],
+    draft_probs: torch.Tensor | None,
+    target_probs: torch.Tensor,
+    generator: torch.Generator,
+) -> TreeVerdict:
+    """Recursive rejection sampling down a tree (Jeon et al., arXiv 2402.14160).
+
+    At each node its children are tried in order. The drafter must have drawn them *without
+    replacement* from one distribution q (each child's draft_probs row is that q; None = one-hot
+    drafts). A child x is accepted with probability min(1, p[x] / q[x]); on rejection the target
+    side becomes norm(max(0, p - q)) and q loses x (renormalised), which keeps the output
+    distributed as the target's. With no child accepted, the next token is drawn from what is left.
+    draft_probs: [N, V] or None · target_probs: [N + 1, V] (row 0 the pending token's).
+    """
+    assert target_probs.shape[0] == len(draft_tokens) + 1, (target_probs.shape, len(draft_tokens))
+    kids = tree.children(parents)
+    path: list[int] = []
+    row = 0
+    while True:
+        probs, draft, accepted = target_probs[row], None, None
+        for child in kids[row]:
+            token = draft_tokens[child]
+            if draft_probs is not None and draft is None:
+                draft = draft_probs[child].clone()
+            draft_at_token = 1.0 if draft is None else float(draft[token])
+            if float(torch.rand((), generator=generator)) * draft_at_token < float(probs[token]):
+                accepted = child
+                break
+            probs = _residual(probs, draft, torch.tensor(token))
+            if draft is not None:
+                draft[token] = 0.0
+                draft = draft / draft.sum() if draft.sum() > 0 else draft
+        if accepted is None:
+            kind = NextTokenKind.RECOVERED if kids[row] else NextTokenKind.BONUS
+            return TreeVerdict(tuple(path), sample(probs, generator), kind)
+        path.append(accepted)
+        row = accepted + 1

@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, DynamicCache, LlavaForConditionalGeneration, PreTrainedModel
 
+from speculum import tree
 from speculum.errors import InvalidArgument
 from speculum.model_facts import ModelFacts
 
@@ -129,11 +130,14 @@ class VisionLanguageModel:
         token_ids: Sequence[int] | None = None,
         inputs_embeds: torch.Tensor | None = None,
         logits_for_last: int | None = None,
+        tree_parents: Sequence[int] | None = None,
     ) -> ModelStep:
         """Run the decoder over new positions appended to `cache` (which it extends).
 
         Give either `token_ids` [T] or `inputs_embeds` [1, T, D]. `logits_for_last` limits the
         LM head to the last n positions (a prefill needs one); hidden states cover all T.
+        `tree_parents` [T - 1] makes the new positions a candidate tree under the first one (see
+        speculum.tree): each attends to the cache and its own ancestors, at position cache + depth.
         """
         if inputs_embeds is None:
             inputs_embeds = self._decoder.get_input_embeddings()(torch.tensor([list(token_ids)], device=self.device))
@@ -144,8 +148,20 @@ class VisionLanguageModel:
                 f"the sequence would reach {cache.get_seq_length() + num_new} tokens, beyond the target's "
                 f"context of {self.max_positions}",
             )
-        out = self._decoder(inputs_embeds=inputs_embeds, past_key_values=cache, use_cache=True)
+        mask = positions = None
+        if tree_parents is not None:
+            mask, positions = self._tree_attention(cache.get_seq_length(), tree_parents)
+        out = self._decoder(inputs_embeds=inputs_embeds, past_key_values=cache, use_cache=True,
+                            attention_mask=mask, position_ids=positions)
         hidden = out.last_hidden_state[0]  # [T, D]
         head_input = hidden if logits_for_last is None else hidden[-logits_for_last:]
         logits = self._lm_head(head_input).float()
         return ModelStep(logits=logits, hidden=hidden)
+
+    def _tree_attention(self, num_cached: int, parents: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """-> additive mask [1, 1, T, S + T] and position ids [1, T] for a tree of T - 1 nodes."""
+        visible = torch.cat([torch.ones(len(parents) + 1, num_cached, dtype=torch.bool), tree.ancestor_mask(parents)], 1)
+        dtype = self.model.dtype
+        mask = torch.zeros(visible.shape, dtype=dtype).masked_fill_(~visible, torch.finfo(dtype).min)
+        positions = torch.tensor([0, *tree.depths(parents)]) + num_cached
+        return mask[None, None].to(self.device), positions[None].to(self.device)

@@ -5,7 +5,7 @@ lengths 1..6, with and without an image, for every switch combination, with an u
 (almost everything rejected) and a briefly trained one (long accepted runs, so rollbacks happen
 mid-block). Sampling keeps the target's distribution (exact marginals on a small vocabulary). A
 saved and reloaded checkpoint drafts the same tokens, and after rejections the drafter's KV cache
-equals a fresh prefill of the committed context.
+equals a fresh prefill of the committed context. The same holds for candidate trees.
 """
 
 from __future__ import annotations
@@ -24,7 +24,9 @@ from orchestrator.loop import speculate
 from orchestrator.stopping import StopChecker
 from speculum.config import SamplingParams, SpeculationParams
 from speculum.records import DraftBlock, PromptInputs, VerifyResult, join_pieces
+from speculum import tree
 from speculum.rejection import NextTokenKind
+from speculum.tree import TreeShape
 import test_sampling_lossless
 from test_sampling_lossless import exact_marginals, matches, sample_counts, target  # noqa: F401 (fixtures)
 from verify_service.target import TargetSession
@@ -219,4 +221,80 @@ def test_sampling_keeps_the_target_distribution(target, exact_marginals, monkeyp
                         dataclasses.replace(test_sampling_lossless.SAMPLING, max_new_tokens=checked + 1))
     counts = sample_counts(target, FeatureDrafter(model, target.facts), seed_base=40_000)
     for position in range(checked):
+        assert matches(counts[position], exact_marginals[position]), position
+
+
+# --- candidate trees (EAGLE-2 dynamic trees drafted by the feature drafter) ----------------------
+TREES = {"w2-n8": TreeShape(width=2, nodes=8), "w3": TreeShape(width=3)}
+
+
+def with_tree(drafter: FeatureDrafter, shape: TreeShape) -> FeatureDrafter:
+    return FeatureDrafter(drafter.model, drafter.facts, shape)
+
+
+@pytest.mark.parametrize("name", list(TRAINED))
+@pytest.mark.parametrize("shape", list(TREES))
+@pytest.mark.parametrize("prompt_kind", ["image", "text"])
+def test_tree_greedy_equals_target(llava_engine, prompts, trained_drafters, name, shape, prompt_kind):
+    prompt, reference = prompts[prompt_kind]
+    drafter = with_tree(trained_drafters[name], TREES[shape])
+    for k in (1, 3, 5):
+        tokens, stats = run(llava_engine, prompt, drafter, k)
+        assert tokens == reference, k
+        assert stats.accepted_tokens > 0, (k, stats)
+
+
+@pytest.mark.parametrize("switches", ["decouple1-compress1-k3", "decouple0-compress0-k1"])
+def test_untrained_tree_greedy_equals_target(llava_dir, llava_engine, prompts, switches):
+    prompt, reference = prompts["image"]
+    drafter = with_tree(drafter_for(llava_dir, llava_engine, **SWITCHES[switches]), TreeShape(width=3, nodes=10))
+    for k in (2, 4):
+        tokens, stats = run(llava_engine, prompt, drafter, k, SamplingParams(max_new_tokens=UNTRAINED_NEW))
+        assert tokens == reference[:UNTRAINED_NEW], k
+        assert stats.draft_tokens > 0
+
+
+def test_tree_blocks_branch_within_the_budget(llava_engine, prompts, trained):
+    prompt, _ = prompts["image"]
+    target = TargetSession(llava_engine.target, SamplingParams(max_new_tokens=MAX_NEW, seed=0))
+    session = with_tree(trained, TreeShape(width=3, nodes=10)).open(SamplingParams(max_new_tokens=MAX_NEW, seed=0))
+    session.prefill(prompt, target.prefill(prompt))
+    (block,) = session.propose(4)
+    assert len(block.tokens) == 10 and not block.is_chain
+    assert max(tree.depths(block.parents)) <= 4
+
+
+def test_cache_after_tree_rounds_equals_fresh_prefill(llava_engine, prompts, trained):
+    prompt, _ = prompts["text"]
+    sampling = SamplingParams(max_new_tokens=MAX_NEW, seed=0)
+    target = TargetSession(llava_engine.target, sampling)
+    session = with_tree(trained, TreeShape(width=2, nodes=6)).open(sampling)
+    first = target.prefill(prompt)
+    session.prefill(prompt, first)
+    emitted = list(first.tokens)
+    for _ in range(5):
+        (block,) = session.propose(4)
+        result = target.verify(block)
+        session.advance(result)
+        emitted += result.tokens
+    session.sync()
+    fresh_target = TargetSession(llava_engine.target, sampling)
+    context = PromptInputs((*prompt.token_ids, *emitted[:-1]))
+    fresh = trained.open(sampling)
+    fresh.prefill(context, VerifyResult(0, (emitted[-1],), NextTokenKind.BONUS, fresh_target.prefill(context).hidden))
+    fresh.sync()
+    assert fresh.real_length == session.real_length
+    for ours, theirs in zip(session.cache.layers, fresh.cache.layers):
+        torch.testing.assert_close(ours.keys, theirs.keys, atol=1e-4, rtol=1e-4)
+
+
+def test_tree_sampling_keeps_the_target_distribution(target, exact_marginals, monkeypatch):  # noqa: F811
+    model = new_model(model_ref(target.model), parts_from_model(target.model), seed=4,
+                      num_heads=2, num_kv_heads=1, intermediate_size=64)
+    with torch.no_grad():
+        model.fc.weight.mul_(20)  # sharpen the random drafter, so that drafts are both kept and rejected
+    monkeypatch.setattr(test_sampling_lossless, "SAMPLES", 600)
+    drafter = FeatureDrafter(model, target.facts, TreeShape(width=3, nodes=6))
+    counts = sample_counts(target, drafter, seed_base=50_000)
+    for position in range(exact_marginals.shape[0]):
         assert matches(counts[position], exact_marginals[position]), position

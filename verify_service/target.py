@@ -2,18 +2,19 @@
 
 Invariant: the cache holds every committed token except the last one, the *pending* token, which
 is fed first in the next pass. A verification feeds [pending, d_1..d_K] in ONE forward pass, keeps
-the pending token and the accepted drafts, and rolls the cache back past the first rejection.
+the pending token and the accepted drafts, and rolls the cache back past the first rejection. A
+candidate tree is fed the same way with tree attention; the accepted branch's rows are compacted.
 """
 
 from __future__ import annotations
 
 import torch
 
-from speculum import kv_cache
+from speculum import kv_cache, tree
 from speculum.config import SamplingParams
 from speculum.errors import InvalidArgument
 from speculum.records import DraftBlock, PromptInputs, VerifyResult
-from speculum.rejection import Verdict, verify_greedy, verify_sampling
+from speculum.rejection import Verdict, verify_greedy, verify_sampling, verify_tree_greedy, verify_tree_sampling
 from speculum.sampling import probs_from_logits
 from speculum.vlm import VisionLanguageModel
 
@@ -51,7 +52,7 @@ class TargetSession:
         """Check `block` in one forward pass; the cache ends at the pending token's predecessor."""
         assert self._pending is not None, "prefill first"
         if not block.is_chain:
-            raise NotImplementedError("candidate trees need the tree attention mask (drafter issue)")
+            return self._verify_tree(block)
         committed = self.cache_length
         step = self.model.forward(self.cache, [self._pending, *block.tokens])
         verdict = self._judge(block, step.logits)
@@ -64,6 +65,23 @@ class TargetSession:
             verdict.next_kind,
             step.hidden[: verdict.num_accepted + 1],
         )
+
+    def _verify_tree(self, block: DraftBlock) -> VerifyResult:
+        """Check every branch of a candidate tree in one pass (tree attention), keep the accepted one."""
+        tree.check_parents(block.parents)
+        committed = self.cache_length
+        step = self.model.forward(self.cache, [self._pending, *block.tokens], tree_parents=block.parents)
+        if self.sampling.greedy:
+            verdict = verify_tree_greedy(block.tokens, block.parents, step.logits)
+        else:
+            target_probs = probs_from_logits(step.logits, self.sampling).cpu()
+            draft_probs = None if block.draft_probs is None else block.draft_probs.float().cpu()
+            verdict = verify_tree_sampling(block.tokens, block.parents, draft_probs, target_probs, self._generator)
+        kv_cache.keep_rows(self.cache, committed + 1, [committed + 1 + node for node in verdict.path])
+        self._pending = verdict.next_token
+        rows = [0, *(node + 1 for node in verdict.path)]
+        accepted = tuple(block.tokens[node] for node in verdict.path)
+        return VerifyResult(len(verdict.path), (*accepted, verdict.next_token), verdict.next_kind, step.hidden[rows])
 
     def _judge(self, block: DraftBlock, target_logits: torch.Tensor) -> Verdict:
         """target_logits: [K + 1, V] for the block's positions and the one after it."""

@@ -63,18 +63,27 @@ class FeatureDraftModel(nn.Module):
         """[..., D] predicted features -> [..., V] through the target's LM head."""
         return F.linear(features, self.lm_head)
 
-    def forward(self, inputs: torch.Tensor, cache: DynamicCache | None = None) -> torch.Tensor:
+    def forward(
+        self,
+        inputs: torch.Tensor,
+        cache: DynamicCache | None = None,
+        attention_mask: torch.Tensor | None = None,
+        positions: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         """inputs: [B, T, D] rows after the cache's -> features [B, T, k, D] for offsets 0..k-1.
 
         With a cache the rows are appended to it (B = 1); without one, a whole right-padded batch runs
-        causally (padding rows come after the real ones, so real rows never see them).
+        causally (padding rows come after the real ones, so real rows never see them). A candidate
+        tree gives its own `attention_mask` [1, 1, T, S + T] (bool) and `positions` [1, T].
         """
         assert inputs.dim() == 3 and inputs.shape[-1] == self.config.hidden_size, inputs.shape
         num_cached = 0 if cache is None else cache.get_seq_length()
-        positions = torch.arange(num_cached, num_cached + inputs.shape[1], device=inputs.device)[None]
+        if positions is None:
+            positions = torch.arange(num_cached, num_cached + inputs.shape[1], device=inputs.device)[None]
+            attention_mask = causal_mask(inputs.shape[1], num_cached, inputs.device)
         out = self.layer(
             inputs,
-            attention_mask=causal_mask(inputs.shape[1], num_cached, inputs.device),
+            attention_mask=attention_mask,
             position_ids=positions,
             past_key_values=cache,
             use_cache=cache is not None,

@@ -1,4 +1,4 @@
-"""One request's feature-drafter state: its KV cache, its committed rows and its chain drafting.
+"""One request's feature-drafter state: its KV cache, its committed rows and its drafting (chain or tree).
 
 Invariant (like the target's): the cache holds the rows of every committed position except the
 pending token's, computed from the target's real features; rows fed from the drafter's own
@@ -15,21 +15,25 @@ import torch
 from draft_service.feature.context import sequence_context
 from draft_service.feature.model import FeatureDraftModel
 from draft_service.vlm_drafter import DRAFTER_SEED_OFFSET
-from speculum import kv_cache
+from draft_service.tree_growth import grow_tree
+from speculum import kv_cache, tree
 from speculum.config import SamplingParams
 from speculum.errors import InvalidArgument
 from speculum.model_facts import ModelFacts
 from speculum.records import DraftBlock, PromptInputs, VerifyResult
 from speculum.sampling import probs_from_logits
+from speculum.tree import TreeShape
 
 
 class FeatureDraftSession:
-    """The DraftSession protocol for a feature drafter; chain drafting, k tokens per forward (semi-AR)."""
+    """The DraftSession protocol for a feature drafter: chains, k tokens per forward (semi-AR), or trees."""
 
-    def __init__(self, model: FeatureDraftModel, facts: ModelFacts, sampling: SamplingParams):
+    def __init__(self, model: FeatureDraftModel, facts: ModelFacts, sampling: SamplingParams,
+                 tree_shape: TreeShape | None = None):
         self.model = model
         self.facts = facts
         self.sampling = sampling
+        self.tree_shape = tree_shape if tree_shape is not None and not tree_shape.is_chain else None
         self.cache = model.new_cache()
         self._generator = torch.Generator().manual_seed((sampling.seed + DRAFTER_SEED_OFFSET) % 2**63)
         self._real_length = 0  # cache rows computed from the target's own features
@@ -54,6 +58,9 @@ class FeatureDraftSession:
 
     @torch.inference_mode()
     def propose(self, max_tokens: int) -> Iterator[DraftBlock]:
+        if self.tree_shape is not None and max_tokens > 0:
+            yield self._propose_tree(max_tokens)
+            return
         features = self.sync()
         produced = 0
         while produced < max_tokens:
@@ -90,6 +97,34 @@ class FeatureDraftSession:
 
     def close(self) -> None:
         self.cache = None
+
+    def _propose_tree(self, depth: int) -> DraftBlock:
+        """An EAGLE-2 dynamic tree of `depth` levels; each level is one drafter forward over the
+        expanded nodes with tree attention (offset 0 of the semi-AR head: a tree has no chain to skip)."""
+        features = self.sync()
+        real = self.cache.get_seq_length()
+        row_of: dict[int, int] = {}  # node -> its speculative row in the cache
+        feature_of: dict[int, torch.Tensor] = {}  # node -> the feature its row predicts
+
+        def expand(nodes: list[int], tokens: list[int], parents: list[int]) -> torch.Tensor:
+            sources = torch.stack([features[0] if parents[n] < 0 else feature_of[parents[n]] for n in nodes])
+            rows = self.model.fuse(self.model.embed(torch.tensor([tokens[n] for n in nodes])), sources)
+            cached = self.cache.get_seq_length()
+            visible = torch.zeros(len(nodes), cached + len(nodes), dtype=torch.bool)
+            visible[:, :real] = True
+            positions = []
+            for r, node in enumerate(nodes):
+                ancestors = tree.path_to(parents, parents[node])
+                visible[r, [row_of[a] for a in ancestors]] = True
+                visible[r, cached + r] = True
+                row_of[node] = cached + r
+                positions.append(real + len(ancestors))
+            out = self.model(rows[None], self.cache, visible[None, None], torch.tensor([positions]))[0, :, 0]
+            feature_of.update(zip(nodes, out))
+            return self.model.logits(out)
+
+        root_logits = self.model.logits(features[0])
+        return grow_tree(root_logits, expand, self.tree_shape, depth, self.sampling, self._generator)
 
     def _choose(self, logits: torch.Tensor) -> DraftBlock:
         """logits: [n, V] -> n draft tokens (argmax, or sampled with their transformed probabilities)."""
