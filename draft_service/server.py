@@ -13,6 +13,7 @@ from pathlib import Path
 
 from orchestrator.protocols import DraftSession, Drafter
 from speculum.metrics import SessionCollector
+from speculum.errors import Unavailable
 from speculum.rpc import convert
 from speculum.rpc.server import RunningServer, run_until_signal, start_server
 from speculum.rpc.settings import ServerSettings, SessionSettings
@@ -45,6 +46,9 @@ class DrafterServicer(drafter_pb2_grpc.DrafterServicer):
         session = self.drafter.open(convert.session_sampling_from_proto(request.sampling))
         with self._device:
             session.prefill(convert.prompt_from_proto(request.prompt), convert.result_from_proto(request.first))
+        if not context.is_active():  # the caller gave up waiting (deadline): nobody would release it
+            session.close()
+            raise Unavailable("the caller is gone")
         self.sessions.open(request.session_id, session)
         return drafter_pb2.DrafterPrefillResponse()
 

@@ -57,6 +57,8 @@ class VerifierServicer(verifier_pb2_grpc.VerifierServicer):
         except BaseException:
             self.sessions.release(request.session_id)
             raise
+        if not context.is_active():  # the caller gave up waiting (deadline): nobody would release it
+            self.sessions.release(request.session_id)
         return convert.result_to_proto(result, request.return_hidden)
 
     @mapped
