@@ -271,11 +271,19 @@ class MetricsExporter:
 
 
 def export(registry: CollectorRegistry, settings: MetricsSettings, port: int | None = None) -> MetricsExporter | None:
-    """Serve `registry` at http://host:port/metrics (`port` overrides the settings'); None when off."""
+    """Serve `registry` at http://host:port/metrics (`port` overrides the settings'); None when off.
+
+    A port already in use (another process on this machine took 9100) costs only the metrics: the
+    service must not fail to start because of its observability. It is logged as a warning.
+    """
     port = settings.port if port is None else port
     if port is None:
         return None
-    server, thread = start_http_server(port, addr=settings.host, registry=registry)
+    try:
+        server, thread = start_http_server(port, addr=settings.host, registry=registry)
+    except OSError as exc:
+        log.warning("event=metrics_unavailable host=%s port=%d error=%r", settings.host, port, str(exc))
+        return None
     exporter = MetricsExporter(server, thread)
     log.info("metrics on http://%s:%d/metrics", settings.host, exporter.port)
     return exporter

@@ -195,3 +195,18 @@ def test_metrics_port_setting(monkeypatch, env, port):
     settings = ServerSettings.from_env("VERIFY")
     assert settings.metrics == MetricsSettings(port=port, host="0.0.0.0")
     assert ServerSettings().metrics.port is None  # servers built in code export nothing unless asked
+
+
+def test_a_busy_metrics_port_costs_only_the_metrics(services, llava_engine):
+    """Several services on one machine all default to 9100: the second must still serve gRPC."""
+    verifier, *_ = services
+    taken = verifier.metrics.port
+    second = verify_server.serve(llava_engine.target, ServerSettings(port=0, metrics=MetricsSettings(port=taken)),
+                                 SessionSettings())
+    try:
+        assert second.metrics is None
+        with grpc.insecure_channel(second.address) as channel:
+            stub = verifier_pb2_grpc.VerifierStub(channel)
+            assert stub.Release(session_pb2.ReleaseRequest(session_id="x"), timeout=10).released is False
+    finally:
+        second.stop()
