@@ -23,8 +23,10 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from speculum.local_redis import RedisServer, redis_binary
 from speculum.ports import free_port
+from speculum.rpc.settings import MetricsSettings
 
 log = logging.getLogger("speculum.launcher")
+METRICS_OFFSETS = {"orchestrator": 0, "encoder": 1, "verify": 2, "draft": 3}  # from StackConfig.metrics_port
 
 
 @dataclass(frozen=True)
@@ -32,7 +34,10 @@ class StackConfig:
     """target_dir / drafter: the model pair (drafter: `ngram` or a folder).
     port: the public API. http_port: Serve's HTTP proxy (health at /-/healthz), 0 = free port.
     redis_url: an existing Redis; None starts a local one (or, without the binary, in-process LRU).
-    pin_cores: verifier on core 0, drafter on core 1 (when the machine has two cores or more)."""
+    pin_cores: verifier on core 0, drafter on core 1 (when the machine has two cores or more).
+    metrics_port: Prometheus /metrics of each part: N puts the orchestrator on N, the encoder on N+1,
+        the verifier on N+2, the drafter on N+3; 0 (default) picks free ports (logged, `metrics_ports`);
+        None turns the exporters off."""
 
     target_dir: Path
     drafter: str = "ngram"
@@ -41,6 +46,7 @@ class StackConfig:
     redis_url: str | None = None
     pin_cores: bool = True
     startup_timeout_s: float = 180.0
+    metrics_port: int | None = 0
 
 
 @dataclass
@@ -62,6 +68,7 @@ class LocalStack:
     redis_url: str | None = None
     workdir: Path | None = None
     ray_started: bool = False
+    metrics_ports: dict[str, int] = field(default_factory=dict)  # part -> its /metrics port
 
     @property
     def address(self) -> str:
@@ -101,6 +108,7 @@ class LocalStack:
             self._wait_healthy(service)
         by_name = {s.name: s.address for s in self.services}
         orchestrator = OrchestratorConfig(target, by_name["verify"], by_name["draft"], by_name["encoder"],
+                                          metrics=MetricsSettings(port=self._metrics_port("orchestrator")),
                                           api_token=os.environ.get("SPECULUM_API_TOKEN") or None)
         ray_settings = ray_runtime.RayServeSettings(
             self.config.port, self.config.http_port or free_port(), self.workdir / "ray"
@@ -108,9 +116,20 @@ class LocalStack:
         ray_runtime.start(orchestrator, ray_settings)
         self.ray_started = True
 
+    def _metrics_port(self, name: str) -> int | None:
+        base = self.config.metrics_port
+        if base is None:
+            return None
+        port = base + METRICS_OFFSETS[name] if base else free_port()
+        self.metrics_ports[name] = port
+        log.info("%s metrics at http://127.0.0.1:%d/metrics", name, port)
+        return port
+
     def _spawn(self, name: str, prefix: str, module_args: list[str], service: str, cpus: str | None = None) -> None:
         port = free_port()
         env = {**os.environ, f"SPECULUM_{prefix}_PORT": str(port), "HF_HUB_OFFLINE": "1"}
+        metrics_port = self._metrics_port(name)  # explicit: the three would all default to 9100
+        env["SPECULUM_METRICS_PORT"] = "off" if metrics_port is None else str(metrics_port)
         if self.redis_url:
             env["SPECULUM_REDIS_URL"] = self.redis_url
         if cpus is not None:
