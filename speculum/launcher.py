@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -24,6 +25,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from speculum.local_redis import RedisServer, redis_binary
 from speculum.ports import free_port
 from speculum.rpc.settings import MetricsSettings
+from speculum.rpc.settings import ClientSettings
 
 log = logging.getLogger("speculum.launcher")
 METRICS_OFFSETS = {"orchestrator": 0, "encoder": 1, "verify": 2, "draft": 3}  # from StackConfig.metrics_port
@@ -50,12 +52,84 @@ class StackConfig:
 
 
 @dataclass
-class _Service:
+class ServiceProcess:
+    """One service as a child process on a fixed port. `kill` / `restart` keep the port, so the
+    orchestrator's channels find the new process (the soak test and the fault tests use them)."""
+
     name: str
-    process: subprocess.Popen
-    address: str
-    service: str
+    module_args: list[str]
+    service: str  # the grpc.health.v1 service name that says it is ready
+    port: int
+    env: dict[str, str]
     log_path: Path
+    process: subprocess.Popen | None = None
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def start(self) -> ServiceProcess:
+        with self.log_path.open("a") as log_file:
+            self.process = subprocess.Popen([sys.executable, "-m", *self.module_args], env=self.env, stdout=log_file,
+                                            stderr=subprocess.STDOUT)
+        return self
+
+    def wait_healthy(self, timeout_s: float) -> None:
+        deadline = time.monotonic() + timeout_s
+        with grpc.insecure_channel(self.address) as channel:
+            health = health_pb2_grpc.HealthStub(channel)
+            while True:
+                if self.process.poll() is not None:
+                    tail = self.log_path.read_text()[-3000:]
+                    raise RuntimeError(f"the {self.name} service exited ({self.process.returncode}):\n{tail}")
+                try:
+                    answer = health.Check(health_pb2.HealthCheckRequest(service=self.service), timeout=1)
+                    if answer.status == health_pb2.HealthCheckResponse.SERVING:
+                        log.info("%s service healthy at %s", self.name, self.address)
+                        return
+                except grpc.RpcError:
+                    pass
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"the {self.name} service was not healthy within {timeout_s} s")
+                time.sleep(0.2)
+
+    def kill(self) -> None:
+        """SIGKILL, as a crash or an OOM kill would: no graceful shutdown, sessions lost."""
+        if self.process is not None and self.process.poll() is None:
+            self.process.send_signal(signal.SIGKILL)
+            self.process.wait(timeout=15)
+
+    def terminate(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.terminate()  # SIGTERM: graceful shutdown in the service
+
+    def wait(self, timeout_s: float = 15) -> None:
+        if self.process is None:
+            return
+        try:
+            self.process.wait(timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+
+    def restart(self, timeout_s: float = 180.0) -> None:
+        """Kill and start again on the same port; returns once healthy."""
+        self.kill()
+        self.start().wait_healthy(timeout_s)
+
+    def rss_bytes(self) -> int:
+        """Resident memory of the process now (0 when it is not running)."""
+        if self.process is None or self.process.poll() is not None:
+            return 0
+        return rss_bytes(self.process.pid)
+
+
+def rss_bytes(pid: int) -> int:
+    """VmRSS of a process, from /proc (Linux)."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    return 0
 
 
 @dataclass
@@ -63,7 +137,7 @@ class LocalStack:
     """Context manager: `with LocalStack(config) as stack: stack.address`."""
 
     config: StackConfig
-    services: list[_Service] = field(default_factory=list)
+    services: list[ServiceProcess] = field(default_factory=list)
     redis: RedisServer | None = None
     redis_url: str | None = None
     workdir: Path | None = None
@@ -73,6 +147,10 @@ class LocalStack:
     @property
     def address(self) -> str:
         return f"127.0.0.1:{self.config.port}"
+
+    def service(self, name: str) -> ServiceProcess:
+        """The `encoder`, `verify` or `draft` process."""
+        return next(service for service in self.services if service.name == name)
 
     def __enter__(self) -> LocalStack:
         try:
@@ -105,11 +183,12 @@ class LocalStack:
         self._spawn("draft", "DRAFT", ["draft_service.server", "--target", target, "--drafter", self.config.drafter],
                     "speculum.v1.Drafter", cores.get("DRAFT"))
         for service in self.services:
-            self._wait_healthy(service)
+            service.wait_healthy(self.config.startup_timeout_s)
         by_name = {s.name: s.address for s in self.services}
         orchestrator = OrchestratorConfig(target, by_name["verify"], by_name["draft"], by_name["encoder"],
                                           metrics=MetricsSettings(port=self._metrics_port("orchestrator")),
-                                          api_token=os.environ.get("SPECULUM_API_TOKEN") or None)
+                                          api_token=os.environ.get("SPECULUM_API_TOKEN") or None,
+                                          clients=ClientSettings.from_env())
         ray_settings = ray_runtime.RayServeSettings(
             self.config.port, self.config.http_port or free_port(), self.workdir / "ray"
         )
@@ -134,30 +213,8 @@ class LocalStack:
             env["SPECULUM_REDIS_URL"] = self.redis_url
         if cpus is not None:
             env[f"SPECULUM_{prefix}_CPUS"] = cpus
-        log_path = self.workdir / f"{name}.log"
-        with log_path.open("w") as log_file:
-            process = subprocess.Popen([sys.executable, "-m", *module_args], env=env, stdout=log_file,
-                                       stderr=subprocess.STDOUT)
-        self.services.append(_Service(name, process, f"127.0.0.1:{port}", service, log_path))
-
-    def _wait_healthy(self, service: _Service) -> None:
-        deadline = time.monotonic() + self.config.startup_timeout_s
-        with grpc.insecure_channel(service.address) as channel:
-            health = health_pb2_grpc.HealthStub(channel)
-            while True:
-                if service.process.poll() is not None:
-                    tail = service.log_path.read_text()[-3000:]
-                    raise RuntimeError(f"the {service.name} service exited ({service.process.returncode}):\n{tail}")
-                try:
-                    answer = health.Check(health_pb2.HealthCheckRequest(service=service.service), timeout=1)
-                    if answer.status == health_pb2.HealthCheckResponse.SERVING:
-                        log.info("%s service healthy at %s", service.name, service.address)
-                        return
-                except grpc.RpcError:
-                    pass
-                if time.monotonic() > deadline:
-                    raise RuntimeError(f"the {service.name} service was not healthy within {self.config.startup_timeout_s} s")
-                time.sleep(0.2)
+        process = ServiceProcess(name, module_args, service, port, env, self.workdir / f"{name}.log")
+        self.services.append(process.start())
 
     def stop(self) -> None:
         if self.ray_started:
@@ -166,14 +223,9 @@ class LocalStack:
             self.ray_started = False
             ray_runtime.stop()
         for service in reversed(self.services):
-            if service.process.poll() is None:
-                service.process.terminate()  # SIGTERM: graceful shutdown in the service
+            service.terminate()
         for service in reversed(self.services):
-            try:
-                service.process.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                service.process.kill()
-                service.process.wait()
+            service.wait()
         self.services.clear()
         if self.redis is not None:
             self.redis.close()
