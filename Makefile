@@ -10,7 +10,7 @@ export TOKENIZERS_PARALLELISM := false
 PROTOS  := $(wildcard protos/speculum/v1/*.proto)
 STUBS   := speculum/v1/.generated
 
-.PHONY: setup stubs test demo serve bench clean
+.PHONY: setup stubs test demo serve bench loadtest clean
 
 setup: $(STAMP) $(STUBS)
 
@@ -38,6 +38,10 @@ serve: setup
 
 bench: setup
 	$(BIN)/python -m bench
+
+# The local stack (demo pair) at concurrency 1, 4 and 16, 5 s per level and RPC: JSON + PNG in build/loadtest.
+loadtest: setup
+	OMP_WAIT_POLICY=PASSIVE $(BIN)/python -m loadtest --levels 1 4 16 --duration 5 --out build/loadtest
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache
