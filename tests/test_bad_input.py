@@ -1,4 +1,8 @@
-"""Bad requests get a clear InvalidArgument naming the offending field; nothing is half-done."""
+"""Bad requests get a clear InvalidArgument naming the offending field; nothing is half-done.
+
+Also at the gRPC edge: unknown fields are ignored (forward compatibility), and a message beyond the
+size limit is RESOURCE_EXHAUSTED before any of our code runs, with the server still serving.
+"""
 
 from __future__ import annotations
 
@@ -67,3 +71,55 @@ def test_prompt_cannot_smuggle_image_placeholders(llava_engine):
 def test_engine_still_serves_after_bad_requests(llava_engine):
     result = llava_engine.generate(GenerateRequest("Hello", sampling=SamplingParams(max_new_tokens=5)))
     assert len(result.token_ids) == 5
+
+
+def _unknown_field(number: int, value: int) -> bytes:
+    """A varint field the schema does not know (wire type 0), as a newer client might send."""
+    def varint(n: int) -> bytes:
+        out = bytearray()
+        while True:
+            byte, n = n & 0x7F, n >> 7
+            out.append(byte | (0x80 if n else 0))
+            if not n:
+                return bytes(out)
+    return varint(number << 3) + varint(value)
+
+
+def test_unknown_fields_are_ignored(llava_engine):
+    """Forward compatibility: fields this server does not know are skipped, the request is served."""
+    from orchestrator.public_api import request_from_proto
+    from speculum.v1 import common_pb2, speculum_pb2
+
+    known = speculum_pb2.GenerateRequest(prompt="Hello", sampling=common_pb2.SamplingParams(max_new_tokens=3))
+    message = speculum_pb2.GenerateRequest.FromString(known.SerializeToString() + _unknown_field(999, 7))
+    assert message.prompt == "Hello"
+    assert len(llava_engine.generate(request_from_proto(message)).token_ids) == 3
+
+
+def test_oversize_message_is_resource_exhausted_and_the_server_lives(llava_engine):
+    """A message beyond SPECULUM_MAX_MESSAGE_BYTES is refused by gRPC before any of our code runs."""
+    import grpc
+
+    from orchestrator.clients import GrpcVerifier
+    from speculum.config import SamplingParams
+    from speculum.rpc.settings import ServerSettings, SessionSettings, message_options
+    from speculum.v1 import verifier_pb2, verifier_pb2_grpc
+    from verify_service import server as verify_server
+    from conftest import build_prompt
+
+    running = verify_server.serve(llava_engine.target, ServerSettings(port=0, max_workers=2, max_message_bytes=2**20),
+                                  SessionSettings())
+    try:
+        channel = grpc.insecure_channel(running.address, message_options(64 * 2**20))  # the client would send it
+        request = verifier_pb2.VerifierPrefillRequest(session_id="big")
+        request.prompt.token_ids.extend([100_000] * 500_000)  # 3-byte varints: ~1.5 MB
+        with pytest.raises(grpc.RpcError) as caught:
+            verifier_pb2_grpc.VerifierStub(channel).Prefill(request, timeout=30)
+        assert caught.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert "larger than max" in caught.value.details()
+        assert len(running.servicer.sessions) == 0
+        session = GrpcVerifier(channel).open(SamplingParams(seed=1))
+        assert len(session.prefill(build_prompt(llava_engine, "Hi")).tokens) == 1  # still serving
+        session.close()
+    finally:
+        running.stop()
