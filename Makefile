@@ -10,7 +10,7 @@ export TOKENIZERS_PARALLELISM := false
 PROTOS  := $(wildcard protos/speculum/v1/*.proto)
 STUBS   := speculum/v1/.generated
 
-.PHONY: setup stubs test demo serve bench loadtest clean
+.PHONY: setup stubs test demo serve bench loadtest soak clean
 
 setup: $(STAMP) $(STUBS)
 
@@ -38,6 +38,11 @@ serve: setup
 
 bench: setup
 	$(BIN)/python -m bench
+
+# Minutes of mixed load on `speculum serve`'s stack with one fault of each kind (not part of `make test`).
+SOAK_MINUTES ?= 3
+soak: setup
+	OMP_WAIT_POLICY=PASSIVE $(BIN)/python -m bench.soak --minutes $(SOAK_MINUTES)
 
 # The local stack (demo pair) at concurrency 1, 4 and 16, 5 s per level and RPC: JSON + PNG in build/loadtest.
 loadtest: setup
