@@ -210,3 +210,24 @@ def test_a_busy_metrics_port_costs_only_the_metrics(services, llava_engine):
             assert stub.Release(session_pb2.ReleaseRequest(session_id="x"), timeout=10).released is False
     finally:
         second.stop()
+
+
+def test_manifests_scrape_the_port_the_services_export_on():
+    """The ConfigMap's SPECULUM_METRICS_PORT, the code's default and every Speculum pod's
+    prometheus.io/port annotation (KubeRay: the workers, where replicas run) agree."""
+    from pathlib import Path
+
+    import yaml
+
+    k8s = Path(__file__).resolve().parents[1] / "k8s"
+    docs = [doc for path in sorted(k8s.glob("*.yaml")) for doc in yaml.safe_load_all(path.read_text()) if doc]
+    (configmap,) = [doc for doc in docs if doc["kind"] == "ConfigMap"]
+    port = configmap["data"]["SPECULUM_METRICS_PORT"]
+    assert int(port) == MetricsSettings.DEFAULT_PORT
+    templates = [doc["spec"]["template"] for doc in docs
+                 if doc["kind"] == "Deployment" and doc["metadata"]["name"] in {"vision-encoder", "verify", "draft", "orchestrator"}]
+    (rayservice,) = yaml.safe_load_all((k8s / "kuberay" / "rayservice.yaml").read_text().split("\n---\n")[0])
+    templates += [group["template"] for group in rayservice["spec"]["rayClusterConfig"]["workerGroupSpecs"]]
+    assert len(templates) == 5
+    for template in templates:
+        assert template["metadata"]["annotations"]["prometheus.io/port"] == port
