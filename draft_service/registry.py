@@ -13,6 +13,7 @@ from draft_service.feature.drafter import FeatureDrafter
 from draft_service.ngram import NgramDrafter
 from draft_service.vlm_drafter import VlmDrafter
 from speculum.errors import InvalidArgument
+from speculum.tree import TreeShape
 from speculum.vlm import VisionLanguageModel
 
 
@@ -45,15 +46,18 @@ def target_vocab_size(target_dir: str | Path) -> int:
     return AutoConfig.from_pretrained(target_dir, local_files_only=True).get_text_config().vocab_size
 
 
-def load_drafter(spec: str, vocab_size: int, device=None):
-    """The Drafter for `spec`, or None to decode with the target alone; checks the vocabulary."""
+def load_drafter(spec: str, vocab_size: int, device=None, tree_shape: TreeShape | None = None):
+    """The Drafter for `spec`, or None to decode with the target alone; checks the vocabulary.
+
+    `tree_shape` makes a feature drafter draft candidate trees; the other kinds draft chains.
+    """
     parsed = DrafterSpec.parse(spec)
     if parsed.kind is DrafterKind.NONE:
         return None
     if parsed.kind is DrafterKind.NGRAM:
         return NgramDrafter()
     if parsed.kind is DrafterKind.FEATURE:  # its folder names its target; the embedding and head come from there
-        drafter = FeatureDrafter.from_pretrained(parsed.path)
+        drafter = FeatureDrafter.from_pretrained(parsed.path, tree_shape=tree_shape)
         if drafter.facts.vocab_size != vocab_size:
             raise InvalidArgument("drafter", f"vocab size {drafter.facts.vocab_size} differs from the target's {vocab_size}")
         return drafter

@@ -1,11 +1,13 @@
 """Growing a candidate tree level by level (EAGLE-2's dynamic tree), for any drafter.
 
 Each level expands the `width` best nodes of the level above (best = highest cumulative draft
-log-probability) and gives each up to `width` children, until the depth or the node budget is
-reached. Greedy requests take each node's top children. Sampling requests draw them *without
-replacement* from the drafter's transformed distribution (Gumbel top-k), and how many children a
-node gets never depends on which tokens were drawn: that is what keeps recursive rejection sampling
-(speculum.rejection.verify_tree_sampling) lossless. The drafter supplies only `expand`.
+log-probability) and gives each `width` children, down to the round's depth. Greedy requests take
+each node's top children, then keep the `nodes` best of everything grown (EAGLE-2's re-ranking;
+a child never outscores its parent, so the kept set is a tree). Sampling requests draw children
+*without replacement* from the drafter's transformed distribution (Gumbel top-k) and stop growing
+at the budget instead: whether a child is kept must never depend on the token drawn for it, which
+is what keeps recursive rejection sampling (speculum.rejection.verify_tree_sampling) lossless.
+The drafter supplies only `expand`.
 """
 
 from __future__ import annotations
@@ -45,7 +47,7 @@ def grow_tree(
             chosen = sorted(previous, key=lambda n: -scores[n])[: shape.width]
             logits = expand(chosen, tokens, parents)
         for parent, parent_logits in zip(chosen, logits):
-            room = min(shape.width, budget - len(tokens))
+            room = shape.width if sampling.greedy else min(shape.width, budget - len(tokens))
             if room <= 0:
                 break
             if sampling.greedy:
@@ -62,9 +64,20 @@ def grow_tree(
                 scores.append(base + float(log_probs[token]))
                 if not sampling.greedy:
                     rows.append(probs)
-        if len(tokens) >= budget:
+        if not sampling.greedy and len(tokens) >= budget:
             break
+    if sampling.greedy:
+        return _best_subtree(tokens, parents, scores, budget)
     return DraftBlock(tuple(tokens), torch.stack(rows) if rows else None, tuple(parents))
+
+
+def _best_subtree(tokens: list[int], parents: list[int], scores: list[float], budget: int) -> DraftBlock:
+    """The `budget` highest-scoring nodes, renumbered in their original (parents-first) order."""
+    ranked = sorted(range(len(tokens)), key=lambda n: (-scores[n], n))  # ties: the shallower first
+    kept = sorted(ranked[:budget])
+    new_index = {node: i for i, node in enumerate(kept)}
+    assert all(parents[n] < 0 or parents[n] in new_index for n in kept), "a kept node lost its parent"
+    return DraftBlock(tuple(tokens[n] for n in kept), None, tuple(-1 if parents[n] < 0 else new_index[parents[n]] for n in kept))
 
 
 def _level_of(parents: list[int], node: int) -> int:

@@ -16,6 +16,7 @@ from pathlib import Path
 from speculum.config import SamplingParams, SpeculationParams
 from speculum.errors import SpeculumError
 from speculum.paths import demo_drafter_dir, demo_target_dir
+from speculum.tree import TreeShape
 
 
 def _default_drafter() -> str:
@@ -37,6 +38,8 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--seed", type=int, default=None)
     gen.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
     gen.add_argument("--draft-length", type=int, default=SpeculationParams().num_draft_tokens, help="K per round")
+    gen.add_argument("--tree-width", type=int, default=1, help="candidate-tree branching (1 = chains; feature drafters)")
+    gen.add_argument("--tree-nodes", type=int, default=0, help="tree node budget per round (0 = K x width)")
     gen.add_argument("--requests", type=Path, help="JSONL: prompt, image, max_new_tokens, temperature, seed")
     gen.add_argument("--json", action="store_true", help="print one JSON object per request")
     gen.add_argument("--server", help="HOST:PORT of a running Speculum (default: run in-process)")
@@ -155,11 +158,12 @@ def generate(args: argparse.Namespace) -> int:
     if not (Path(target_dir) / "config.json").is_file():
         raise SystemExit(f"speculum: no target model at {target_dir} (give --target DIR)")
     engine = Engine.from_pretrained(target_dir)
+    tree_shape = TreeShape(args.tree_width, args.tree_nodes)
     if args.drafter:
-        engine.drafter = load_drafter(args.drafter, engine.target.vocab_size, engine.target.device)
+        engine.drafter = load_drafter(args.drafter, engine.target.vocab_size, engine.target.device, tree_shape)
     else:  # the shipped drafter, unless it no longer matches the target: then prompt lookup
         try:
-            engine.drafter = load_drafter(_default_drafter(), engine.target.vocab_size, engine.target.device)
+            engine.drafter = load_drafter(_default_drafter(), engine.target.vocab_size, engine.target.device, tree_shape)
         except SpeculumError as exc:
             print(f"speculum: the default drafter cannot be used ({exc}); using ngram", file=sys.stderr)
             engine.drafter = load_drafter("ngram", engine.target.vocab_size)

@@ -41,8 +41,8 @@ class TreeShape:
         return self.width == 1
 
     def budget(self, depth: int) -> int:
-        """Nodes allowed for a tree of `depth` levels (0 = `nodes` unset: width per level)."""
-        return self.nodes or depth * self.width
+        """Nodes allowed for a tree of `depth` levels (`nodes` unset: twice a chain's per unit of width)."""
+        return self.nodes or 2 * depth * self.width
 
 
 def check_parents(parents: Sequence[int]) -> None:

@@ -54,7 +54,7 @@ def test_tree_shape_limits():
         TreeShape(width=0)
     with pytest.raises(InvalidArgument, match="tree.nodes"):
         TreeShape(width=2, nodes=1000)
-    assert TreeShape(width=3).budget(4) == 12 and TreeShape(width=3, nodes=7).budget(4) == 7
+    assert TreeShape(width=3).budget(4) == 24 and TreeShape(width=3, nodes=7).budget(4) == 7
 
 
 def one_hot_logits(winners: list[int], vocab: int = 10) -> torch.Tensor:

@@ -14,9 +14,10 @@ import torch
 
 from draft_service.feature.context import sequence_context
 from draft_service.feature.model import FeatureDraftModel
+from draft_service.feature.tree_drafting import TreeFeatures
 from draft_service.vlm_drafter import DRAFTER_SEED_OFFSET
 from draft_service.tree_growth import grow_tree
-from speculum import kv_cache, tree
+from speculum import kv_cache
 from speculum.config import SamplingParams
 from speculum.errors import InvalidArgument
 from speculum.model_facts import ModelFacts
@@ -99,32 +100,10 @@ class FeatureDraftSession:
         self.cache = None
 
     def _propose_tree(self, depth: int) -> DraftBlock:
-        """An EAGLE-2 dynamic tree of `depth` levels; each level is one drafter forward over the
-        expanded nodes with tree attention (offset 0 of the semi-AR head: a tree has no chain to skip)."""
-        features = self.sync()
-        real = self.cache.get_seq_length()
-        row_of: dict[int, int] = {}  # node -> its speculative row in the cache
-        feature_of: dict[int, torch.Tensor] = {}  # node -> the feature its row predicts
-
-        def expand(nodes: list[int], tokens: list[int], parents: list[int]) -> torch.Tensor:
-            sources = torch.stack([features[0] if parents[n] < 0 else feature_of[parents[n]] for n in nodes])
-            rows = self.model.fuse(self.model.embed(torch.tensor([tokens[n] for n in nodes])), sources)
-            cached = self.cache.get_seq_length()
-            visible = torch.zeros(len(nodes), cached + len(nodes), dtype=torch.bool)
-            visible[:, :real] = True
-            positions = []
-            for r, node in enumerate(nodes):
-                ancestors = tree.path_to(parents, parents[node])
-                visible[r, [row_of[a] for a in ancestors]] = True
-                visible[r, cached + r] = True
-                row_of[node] = cached + r
-                positions.append(real + len(ancestors))
-            out = self.model(rows[None], self.cache, visible[None, None], torch.tensor([positions]))[0, :, 0]
-            feature_of.update(zip(nodes, out))
-            return self.model.logits(out)
-
-        root_logits = self.model.logits(features[0])
-        return grow_tree(root_logits, expand, self.tree_shape, depth, self.sampling, self._generator)
+        """A dynamic tree of `depth` levels (see tree_drafting for what each level costs)."""
+        features = TreeFeatures(self.model, self.cache, self.sync())
+        return grow_tree(features.root_logits(), features.children_logits, self.tree_shape, depth, self.sampling,
+                         self._generator)
 
     def _choose(self, logits: torch.Tensor) -> DraftBlock:
         """logits: [n, V] -> n draft tokens (argmax, or sampled with their transformed probabilities)."""
