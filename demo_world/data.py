@@ -71,6 +71,16 @@ def step_items(config: RecipeConfig, step: int) -> list[Sample]:
     return [sample_item(rng, config) for _ in range(config.train.batch_size)]
 
 
+def vision_batch(config: RecipeConfig, step: int, image_processor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Step `step` of the vision pre-training phase: (pixel_values [I, 3, H, W], patch labels [I, N, 3])."""
+    rng = random.Random(f"vision:{config.train.seed}:{step}")
+    scenes = [scene_for_seed(rng.getrandbits(63), config.scenes) for _ in range(config.train.vision_batch_size)]
+    pixels = image_processor([render(s, config.scenes) for s in scenes], return_tensors="pt").pixel_values
+    patch_size = config.scenes.image_size // round(config.model.visual_tokens ** 0.5)
+    labels = [patch_labels(s, config.scenes, patch_size) for s in scenes]
+    return pixels, torch.tensor([list(zip(p.shape, p.colour, p.size)) for p in labels])
+
+
 def tokenizer_texts(config: RecipeConfig) -> Iterator[str]:
     """The tokenizer's training corpus: prompts and answers of every kind, and the docstrings."""
     rng = random.Random(f"tokenizer:{config.train.seed}")

@@ -8,6 +8,7 @@ not (on the same machine type and thread count). This module does not decide siz
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -22,10 +23,11 @@ from tqdm import tqdm
 from transformers import LlavaForConditionalGeneration, PreTrainedTokenizerBase
 
 from demo_world.config import RecipeConfig, TrainConfig
-from demo_world.data import IGNORE, Batch, collate, step_items
+from demo_world.data import IGNORE, Batch, collate, step_items, vision_batch
 from demo_world.scenes import PATCH_COLOURS, PATCH_SHAPES, PATCH_SIZES
 
 CHECKPOINT = "checkpoint.pt"
+VISION_CHECKPOINT = "vision_checkpoint.pt"
 LOG = "train_log.jsonl"
 
 
@@ -71,8 +73,7 @@ class PatchProbe(nn.Module):
 def make_optimizer(model: LlavaForConditionalGeneration, config: TrainConfig, probe: nn.Module | None = None
                    ) -> torch.optim.AdamW:
     """AdamW with two groups: the vision side (tower + projector, and the probe) has its own peak learning rate."""
-    vision = [p for n, p in model.named_parameters() if n.startswith(("model.vision_tower", "model.multi_modal_projector"))]
-    vision += list(probe.parameters()) if probe is not None else []
+    vision = _vision_parameters(model) + (list(probe.parameters()) if probe is not None else [])
     vision_ids = {id(p) for p in vision}
     text = [p for p in model.parameters() if id(p) not in vision_ids]
     return torch.optim.AdamW(
@@ -107,6 +108,65 @@ def answer_loss(model: LlavaForConditionalGeneration, batch: Batch, probe: Patch
     return loss
 
 
+def _vision_parameters(model: LlavaForConditionalGeneration) -> list[nn.Parameter]:
+    return [p for n, p in model.named_parameters() if n.startswith(("model.vision_tower", "model.multi_modal_projector"))]
+
+
+def image_features(model: LlavaForConditionalGeneration, pixel_values: torch.Tensor) -> torch.Tensor:
+    """The projector's output, as the decoder receives it: [I, N, D]."""
+    out = model.model.get_image_features(pixel_values=pixel_values, vision_feature_layer=model.config.vision_feature_layer,
+                                         vision_feature_select_strategy=model.config.vision_feature_select_strategy)
+    return torch.stack(list(out.pooler_output))
+
+
+def pretrain_vision(model: LlavaForConditionalGeneration, probe: PatchProbe, image_processor, config: RecipeConfig,
+                    run_dir: Path) -> None:
+    """Phase 1: train the vision tower, projector and probe on the patch labels alone for
+    `vision_steps` steps. Resumable from its own checkpoint; once finished, it only reloads the result."""
+    tc = config.train
+    if tc.vision_steps == 0:
+        return
+    params = _vision_parameters(model) + list(probe.parameters())
+    optimizer = torch.optim.AdamW(params, lr=tc.vision_pretrain_lr, betas=(0.9, 0.95), weight_decay=tc.weight_decay)
+    schedule = dataclasses.replace(tc, steps=tc.vision_steps, warmup_steps=min(50, tc.vision_steps))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, schedule))
+    checkpoint, start = run_dir / VISION_CHECKPOINT, 0
+    if checkpoint.exists():
+        state = torch.load(checkpoint, weights_only=False)
+        model.load_state_dict(state["model"])
+        probe.load_state_dict(state["probe"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        start = state["step"]
+    if start >= tc.vision_steps:
+        return
+    model.train()
+    loss_ema = float("nan")
+    with open(run_dir / LOG, "a") as log, tqdm(total=tc.vision_steps, initial=start, desc="pre-train vision",
+                                               unit="step") as bar:
+        for step in range(start, tc.vision_steps):
+            pixels, labels = vision_batch(config, step, image_processor)
+            loss = probe.loss(image_features(model, pixels), labels)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, tc.grad_clip)
+            optimizer.step()
+            scheduler.step()
+            value = loss.item()
+            loss_ema = value if math.isnan(loss_ema) else 0.98 * loss_ema + 0.02 * value
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss_ema:.3f}")
+            done = step + 1
+            log.write(json.dumps({"vision_step": done, "loss": round(value, 5), "lr": scheduler.get_last_lr()[0]}) + "\n")
+            log.flush()
+            if done % tc.checkpoint_every == 0 or done == tc.vision_steps:
+                state = {"step": done, "model": model.state_dict(), "probe": probe.state_dict(),
+                         "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}
+                tmp = checkpoint.with_suffix(".tmp")
+                torch.save(state, tmp)
+                os.replace(tmp, checkpoint)
+
+
 def _save_checkpoint(path: Path, model, probe, optimizer, scheduler, step: int, loss_ema: float) -> None:
     state = {
         "step": step,
@@ -131,7 +191,8 @@ def train(
     monitor=None,
     stop_after: int | None = None,
 ) -> TrainResult:
-    """Train `model` in place to `config.train.total_steps`, resuming from `run_dir` if a checkpoint is there.
+    """Train `model` in place: the vision phase (`pretrain_vision`), then `config.train.total_steps` LM
+    steps; resumes from `run_dir` if a checkpoint is there.
 
     `monitor(model, step) -> dict`, if given, runs every `monitor_every` steps; its result is only logged.
     `stop_after` ends the run early at that step (as if killed after a checkpoint) without changing
@@ -140,10 +201,12 @@ def train(
     tc = config.train
     run_dir.mkdir(parents=True, exist_ok=True)
     probe = PatchProbe(config.model.text_hidden, tc.seed + 1)
+    checkpoint = run_dir / CHECKPOINT
+    if not checkpoint.exists():
+        pretrain_vision(model, probe, image_processor, config, run_dir)
     optimizer = make_optimizer(model, tc, probe)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, tc))
     start, loss_ema = 0, float("nan")
-    checkpoint = run_dir / CHECKPOINT
     if checkpoint.exists():
         state = torch.load(checkpoint, weights_only=False)
         model.load_state_dict(state["model"])
