@@ -47,6 +47,7 @@ PROMPTS = ("How many objects are there?", "What shape is the red object?", "Read
 TEXT_PROMPTS = ("Tell me about shapes.", "What is a circle?", "Count to five.")
 RETRIED = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE_EXHAUSTED)
 RETRY_FOR_S = 60.0
+MEMORY_MARGIN_MB = 32  # allocator slack; a per-request leak over thousands of requests is far more
 MAX_NEW_TOKENS = 32
 KINDS = ("text", "image", "streamed", "cancel", "deadline", "sampled")
 WEIGHTS = (3, 4, 2, 2, 1, 1)
@@ -250,6 +251,10 @@ def inject_faults(stack: LocalStack, record: Record, duration_s: float, restarte
         time.sleep(3)
         restarted[name] = stack.service(name).rss_bytes()
 
+    def kill(name: str, label: str) -> None:
+        record.enter(label)  # before the kill: what fails from now on belongs to this window
+        stack.service(name).kill()
+
     at(0.10)
     record.enter("no fault")
     if stack.redis is not None:
@@ -264,16 +269,14 @@ def inject_faults(stack: LocalStack, record: Record, duration_s: float, restarte
         with stack.redis.client() as client:
             client.flushall()
     at(0.38)
-    record.enter("drafter SIGKILLed")
-    stack.service("draft").kill()
+    kill("draft", "drafter SIGKILLed")
     at(0.46)
     restart("draft", "drafter")
     at(0.56)
-    stack.service("verify").kill()
-    restart("verify", "verifier SIGKILLed,")
+    kill("verify", "verifier SIGKILLed")
+    restart("verify", "verifier")
     at(0.70)
-    record.enter("encoder SIGKILLed")
-    stack.service("encoder").kill()
+    kill("encoder", "encoder SIGKILLed")
     at(0.78)
     restart("encoder", "encoder")
     at(0.86)
@@ -310,17 +313,31 @@ def report(record: Record, before: dict, after: dict, restarted: dict, args, ela
         statuses = ", ".join(f"{name} {count}" for name, count in window.statuses.most_common())
         tau = f"{statistics.mean(window.accepted_lengths):.2f}" if window.accepted_lengths else "-"
         lines.append(f"| {window.name} | {statuses or '-'} | {tau} |")
-    lines.append("\n| process | RSS at start | after its restart | RSS at end |\n|---|---|---|---|")
+    lines.append("\n| process | RSS at start | after its restart | RSS at end | growth |\n|---|---|---|---|---|")
+    growths = []
     for name, (rss, _) in after.items():
         start = f"{before[name][0] / mb:.0f} MB" if name in before else "-"
         middle = f"{restarted[name] / mb:.0f} MB" if name in restarted else "-"
-        lines.append(f"| {name} | {start} | {middle} | {rss / mb:.0f} MB |")
+        growths.append(growth_mb(name, rss, before, restarted))
+        lines.append(f"| {name} | {start} | {middle} | {rss / mb:.0f} MB | {growths[-1]:+.0f} MB |")
+    flat = memory_flat(before, after, restarted)
+    lines.append(f"memory flat (growth since start or restart <= {MEMORY_MARGIN_MB} MB per process): {flat}")
     if record.failures:
         lines.append("\nfailed calls (each retried after 0.5 s):")
         lines += [f"  {count} x {what}" for what, count in record.failures.most_common(12)]
     for problem in (record.wrong + record.lost)[:20]:
         lines.append(f"problem: {problem}")
     return "\n".join(lines)
+
+
+def growth_mb(name: str, rss: int, before: dict, restarted: dict) -> float:
+    """RSS growth since the start, or since its restart for a process a fault restarted."""
+    baseline = restarted[name] if name in restarted else before.get(name, (rss, 0))[0]
+    return (rss - baseline) / 2**20
+
+
+def memory_flat(before: dict, after: dict, restarted: dict) -> bool:
+    return all(growth_mb(name, rss, before, restarted) <= MEMORY_MARGIN_MB for name, (rss, _) in after.items())
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -352,7 +369,7 @@ def main(argv: list[str] | None = None) -> int:
         elapsed = time.monotonic() - record.started
         after = memory(stack)
     print(report(record, before, after, restarted, args, elapsed), flush=True)
-    return 1 if record.wrong or record.lost else 0
+    return 1 if record.wrong or record.lost or not memory_flat(before, after, restarted) else 0
 
 
 if __name__ == "__main__":

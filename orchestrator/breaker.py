@@ -19,7 +19,7 @@ class BreakerSettings:
     """first_pause_s: skip the helper this long after a first fault. max_pause_s: the doubling stops here."""
 
     first_pause_s: float = 1.0
-    max_pause_s: float = 30.0
+    max_pause_s: float = 5.0
 
     def __post_init__(self) -> None:
         if not 0 < self.first_pause_s <= self.max_pause_s:

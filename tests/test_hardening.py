@@ -323,3 +323,44 @@ def test_model_paths_are_not_request_fields():
     assert {"prompt", "images", "sampling"} <= names
     assert not {n for n in names if any(word in n for word in ("path", "dir", "model", "file", "url"))}
     assert {"temperature", "top_p"} <= set(common_pb2.SamplingParams.DESCRIPTOR.fields_by_name)
+
+
+@pytest.mark.parametrize("kind", ["feature", "feature-semi-ar-compressed", "small-vlm", "ngram"])
+def test_a_draft_session_rebuilt_from_the_transcript_drafts_as_if_never_lost(llava_dir, llava_engine, kind,
+                                                                             small_llava_drafter_model):
+    """What a re-prefill gives a drafter (prompt + committed tokens, the target's feature rows
+    gathered round by round) puts it in the same state as a session that never went away."""
+    from draft_service.vlm_drafter import VlmDrafter
+    from orchestrator.loop import Transcript
+    from speculum.records import join_pieces
+    from test_feature_drafter import drafter_for
+
+    drafter = {
+        "feature": lambda: drafter_for(llava_dir, llava_engine, decouple_visual=True, compress_visual=False,
+                                       semi_ar_k=1),
+        "feature-semi-ar-compressed": lambda: drafter_for(llava_dir, llava_engine, decouple_visual=True,
+                                                          compress_visual=True, semi_ar_k=3),
+        "small-vlm": lambda: VlmDrafter(small_llava_drafter_model),
+        "ngram": NgramDrafter,
+    }[kind]()
+    prompt = build_prompt(llava_engine, "Describe the image in detail.", [png_bytes(1)])
+    sampling = SamplingParams(max_new_tokens=40).with_seed()
+    target = llava_engine.verifier.open(sampling, return_features=drafter.needs_target_features)
+    transcript = Transcript(prompt, keep_hidden=drafter.needs_target_features)
+    first = target.prefill(prompt)
+    transcript.commit(first)
+    kept = drafter.open(sampling)
+    kept.prefill(prompt, first)
+    for _ in range(5):
+        result = target.verify(join_pieces(list(kept.propose(3))))
+        transcript.commit(result)
+        kept.advance(result)
+    rebuilt = drafter.open(sampling)
+    rebuilt.prefill(transcript.prompt_through(include_pending=False), transcript.as_prefill())
+    for _ in range(3):  # the same drafts, and the same after a round verified in both
+        drafted, again = join_pieces(list(kept.propose(3))), join_pieces(list(rebuilt.propose(3)))
+        assert drafted.tokens == again.tokens
+        result = target.verify(drafted)
+        kept.advance(result)
+        rebuilt.advance(result)
+    target.close()
