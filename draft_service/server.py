@@ -91,6 +91,7 @@ def serve(drafter: Drafter, settings: ServerSettings, sessions: SessionSettings)
 def main(argv: list[str] | None = None) -> None:
     from draft_service.registry import load_drafter, target_vocab_size
     from speculum.logs import setup_logging
+    from speculum.rpc.settings import tree_shape_from_env
     from speculum.threads import pin_from_env
 
     parser = argparse.ArgumentParser(description="Speculum draft service.")
@@ -101,7 +102,7 @@ def main(argv: list[str] | None = None) -> None:
     setup_tracing("drafter")  # before the server is built: instrumentation patches grpc.server
     pin_from_env("DRAFT")
     settings = ServerSettings.from_env("DRAFT", DEFAULT_PORT)
-    drafter = load_drafter(args.drafter, target_vocab_size(args.target))
+    drafter = load_drafter(args.drafter, target_vocab_size(args.target), tree_shape=tree_shape_from_env())
     if drafter is None:
         raise SystemExit("the draft service needs a drafter (ngram or a folder), not none")
     running = serve(drafter, settings, SessionSettings.from_env("DRAFT"))

@@ -206,3 +206,51 @@ def test_target_refuses_a_malformed_tree(llava_engine):
     session.prefill(build_prompt(llava_engine, "Hi"))
     with pytest.raises(InvalidArgument, match="block.parents"):
         session.verify(DraftBlock((1, 2), parents=(-1, 5)))
+
+
+# --- trees through the real gRPC services ----------------------------------------------------------
+@pytest.fixture(scope="module")
+def tree_services(llava_dir, llava_engine):
+    from draft_service import server as draft_server
+    from draft_service.feature.checkpoint import new_model
+    from draft_service.feature.drafter import FeatureDrafter
+    from draft_service.feature.target_parts import load_target_parts, target_ref
+    from speculum.rpc.settings import ServerSettings, SessionSettings
+    from verify_service import server as verify_server
+
+    model = new_model(target_ref(llava_dir), load_target_parts(llava_dir), seed=0, num_heads=4, num_kv_heads=2,
+                      intermediate_size=128, semi_ar_k=2, semi_ar_hidden=64)
+    drafter = FeatureDrafter(model, llava_engine.target.facts, TreeShape(width=2, nodes=8))
+    settings, sessions = ServerSettings(port=0, max_workers=4), SessionSettings(ttl_s=60, max_sessions=4)
+    verifier, drafting = verify_server.serve(llava_engine.target, settings, sessions), draft_server.serve(drafter, settings, sessions)
+    yield verifier, drafting, drafter
+    verifier.stop()
+    drafting.stop()
+
+
+def speculate_tokens(prompt, verifier, drafter, sampling):
+    from orchestrator.loop import speculate
+    from orchestrator.stopping import StopChecker
+    from speculum.config import SpeculationParams
+
+    chunks = list(speculate(prompt, sampling, SpeculationParams(num_draft_tokens=3), verifier, drafter,
+                            StopChecker(sampling.max_new_tokens, frozenset())))
+    return [t for c in chunks for t in c.token_ids], chunks[-1].stats
+
+
+@pytest.mark.parametrize("temperature", [0.0, 0.9])
+def test_trees_cross_the_services_intact(llava_engine, tree_services, temperature):
+    import grpc
+
+    from orchestrator.clients import GrpcDrafter, GrpcVerifier
+
+    verifier, drafting, drafter = tree_services
+    prompt = build_prompt(llava_engine, "Describe the image in detail.", [png_bytes(2)])
+    sampling = SamplingParams(max_new_tokens=16, temperature=temperature, seed=3)
+    channels = [grpc.insecure_channel(s.address) for s in (verifier, drafting)]
+    remote, stats = speculate_tokens(prompt, GrpcVerifier(channels[0]), GrpcDrafter(channels[1]), sampling)
+    local, _ = speculate_tokens(prompt, llava_engine.verifier, drafter, sampling)
+    assert remote == local  # parents and draft probabilities travelled intact (sampling: same seed, same tokens)
+    if temperature == 0.0:
+        assert remote == hf_greedy(llava_engine.target, prompt, 16)
+    assert stats.draft_tokens > 3 * stats.target_forwards, "rounds must have drafted trees, not chains"

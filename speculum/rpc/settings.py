@@ -5,6 +5,8 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 
+from speculum.tree import TreeShape
+
 
 def _int(name: str, default: int) -> int:
     value = os.environ.get(name)
@@ -153,3 +155,9 @@ class ClientSettings:
             ("grpc.min_reconnect_backoff_ms", min(200, self.max_reconnect_backoff_ms)),
             ("grpc.max_reconnect_backoff_ms", self.max_reconnect_backoff_ms),
         ]
+
+
+def tree_shape_from_env() -> TreeShape:
+    """SPECULUM_DRAFT_TREE_WIDTH (default 1: chains) and SPECULUM_DRAFT_TREE_NODES (default 0: 2 x K x width):
+    the candidate trees a feature drafter grows each round."""
+    return TreeShape(_int("SPECULUM_DRAFT_TREE_WIDTH", 1), _int("SPECULUM_DRAFT_TREE_NODES", 0))
