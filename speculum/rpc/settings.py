@@ -49,11 +49,13 @@ class TlsServerSettings:
     key_path: str
 
     @classmethod
-    def from_env(cls) -> TlsServerSettings | None:
-        """SPECULUM_TLS_CERT and SPECULUM_TLS_KEY (both or neither; unset: plaintext)."""
-        cert, key = os.environ.get("SPECULUM_TLS_CERT") or None, os.environ.get("SPECULUM_TLS_KEY") or None
+    def from_env(cls, scope: str = "") -> TlsServerSettings | None:
+        """SPECULUM_TLS_CERT and SPECULUM_TLS_KEY (both or neither; unset: plaintext); with scope
+        PUBLIC, SPECULUM_PUBLIC_TLS_CERT/KEY (the public API's TLS front)."""
+        prefix = f"SPECULUM_{scope}_" if scope else "SPECULUM_"
+        cert, key = os.environ.get(f"{prefix}TLS_CERT") or None, os.environ.get(f"{prefix}TLS_KEY") or None
         if (cert is None) != (key is None):
-            raise ValueError("set both SPECULUM_TLS_CERT and SPECULUM_TLS_KEY, or neither")
+            raise ValueError(f"set both {prefix}TLS_CERT and {prefix}TLS_KEY, or neither")
         return None if cert is None else cls(cert, key)
 
 
