@@ -25,7 +25,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from speculum.local_redis import RedisServer, redis_binary
 from speculum.ports import free_port
 from speculum.rpc.settings import MetricsSettings
-from speculum.rpc.settings import ClientSettings
+from speculum.rpc.settings import ClientSettings, TlsServerSettings
 
 log = logging.getLogger("speculum.launcher")
 METRICS_OFFSETS = {"orchestrator": 0, "encoder": 1, "verify": 2, "draft": 3}  # from StackConfig.metrics_port
@@ -48,6 +48,7 @@ class StackConfig:
     redis_url: str | None = None
     pin_cores: bool = True
     startup_timeout_s: float = 180.0
+    public_tls: TlsServerSettings | None = None
     metrics_port: int | None = 0
 
 
@@ -142,6 +143,7 @@ class LocalStack:
     redis_url: str | None = None
     workdir: Path | None = None
     ray_started: bool = False
+    tls_front: object | None = None  # orchestrator.tls_front.TlsFront when the public API uses TLS
     metrics_ports: dict[str, int] = field(default_factory=dict)  # part -> its /metrics port
 
     @property
@@ -189,11 +191,16 @@ class LocalStack:
                                           metrics=MetricsSettings(port=self._metrics_port("orchestrator")),
                                           api_token=os.environ.get("SPECULUM_API_TOKEN") or None,
                                           clients=ClientSettings.from_env())
-        ray_settings = ray_runtime.RayServeSettings(
-            self.config.port, self.config.http_port or free_port(), self.workdir / "ray"
-        )
+        public_tls = self.config.public_tls or TlsServerSettings.from_env("PUBLIC")
+        # With TLS, Serve's plaintext proxy listens on a loopback port behind the TLS front.
+        serve_port = free_port() if public_tls else self.config.port
+        ray_settings = ray_runtime.RayServeSettings(serve_port, self.config.http_port or free_port(), self.workdir / "ray")
         ray_runtime.start(orchestrator, ray_settings)
         self.ray_started = True
+        if public_tls:
+            from orchestrator.tls_front import TlsFront
+
+            self.tls_front = TlsFront(f"127.0.0.1:{serve_port}", public_tls, self.config.port).start()
 
     def _metrics_port(self, name: str) -> int | None:
         base = self.config.metrics_port
@@ -217,6 +224,9 @@ class LocalStack:
         self.services.append(process.start())
 
     def stop(self) -> None:
+        if self.tls_front is not None:
+            self.tls_front.stop()
+            self.tls_front = None
         if self.ray_started:
             from orchestrator import ray_runtime
 

@@ -129,3 +129,47 @@ def test_plaintext_handshake_error_is_unavailable_not_a_hang(tls_services):
     channel = grpc.insecure_channel(verifier.address)
     with pytest.raises(grpc.FutureTimeoutError):
         grpc.channel_ready_future(channel).result(timeout=1.0)
+
+
+def test_tls_front_relays_unary_streaming_reflection_and_statuses(llava_engine, pki):
+    """The public API's TLS front (Ray Serve's proxy has no TLS) relays any service unchanged; here
+    it fronts a real plaintext draft service: Info and Prefill (unary), Draft (server streaming),
+    reflection (bidirectional streaming) and error statuses all pass through."""
+    from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+
+    from orchestrator.tls_front import TlsFront
+    from speculum.v1 import drafter_pb2, drafter_pb2_grpc
+
+    server_tls, ca_path, _ = pki
+    plain = ServerSettings(port=0, max_workers=4)
+    verifier = verify_server.serve(llava_engine.target, plain, SessionSettings())
+    drafter = draft_server.serve(NgramDrafter(), plain, SessionSettings())
+    front = TlsFront(drafter.address, server_tls, port=0).start()
+    try:
+        address = f"127.0.0.1:{front.port}"
+        secure = connect(address, ClientSettings(tls_ca_path=ca_path))
+        prompt = build_prompt(llava_engine, "Describe the image.", [png_bytes(9)])
+        chunks = list(speculate(prompt, SamplingParams(max_new_tokens=32), SpeculationParams(),
+                                GrpcVerifier(connect(verifier.address)), GrpcDrafter(secure),
+                                StopChecker(32, frozenset())))
+        assert [t for c in chunks for t in c.token_ids] == hf_greedy(llava_engine.target, prompt, 32)
+        assert chunks[-1].stats.draft_tokens > 0
+        assert len(drafter.servicer.sessions) == 0  # Release went through too
+
+        reflection = reflection_pb2_grpc.ServerReflectionStub(secure)
+        answer = next(reflection.ServerReflectionInfo(iter([reflection_pb2.ServerReflectionRequest(list_services="")])))
+        assert "speculum.v1.Drafter" in {s.name for s in answer.list_services_response.service}
+
+        with pytest.raises(grpc.RpcError) as caught:
+            list(drafter_pb2_grpc.DrafterStub(secure).Draft(drafter_pb2.DraftRequest(session_id="nope", max_tokens=2),
+                                                            timeout=10))
+        assert caught.value.code() == grpc.StatusCode.NOT_FOUND and "nope" in caught.value.details()
+
+        with pytest.raises(grpc.RpcError) as caught:  # plaintext to the TLS port
+            drafter_pb2_grpc.DrafterStub(grpc.insecure_channel(address)).Info(drafter_pb2.DrafterInfoRequest(),
+                                                                              timeout=2)
+        assert caught.value.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
+    finally:
+        front.stop()
+        verifier.stop()
+        drafter.stop()
