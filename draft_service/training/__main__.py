@@ -3,6 +3,16 @@
 Collects the target's features on demo-world prompts (cached in --run-dir), trains a feature
 drafter with the MSD curriculum, evaluates held-out acceptance and writes the drafter checkpoint
 to --out (its config records the target folder relative to --out, the command, seed and timings).
+
+Training data: by default the demo world generates both modalities. `--text-jsonl FILE`
+(ShareGPT-style JSONL) replaces the demo text items, `--llava-json FILE --image-folder DIR`
+(LLaVA-style JSON, image paths relative to DIR) the demo image items. Of each file, --eval-samples
+records (a seeded draw) are held out for the acceptance evaluation; the others train, or at most
+--text-samples / --image-samples of them. The first human turn is the prompt (through the target's
+chat template), the next gpt turn the dataset answer, used with `--answers dataset`; with the
+default `--answers self` the target answers the file's prompts itself. `--image-samples 0` trains
+a text-only drafter (with `--no-decouple`: the "language-only draft" baseline); its held-out
+evaluation still reports image τ. Formats and errors: draft_service/training/local_data.py.
 """
 
 from __future__ import annotations
@@ -21,16 +31,19 @@ from transformers import AutoImageProcessor, AutoTokenizer
 
 from draft_service.feature.checkpoint import load_checkpoint, new_model, save_checkpoint
 from draft_service.feature.target_parts import load_target_parts, target_ref
-from draft_service.training.config import AnswerSource, DataConfig, OptimConfig
+from draft_service.training.config import AnswerSource, DataConfig, LocalFiles, OptimConfig
 from draft_service.training.demo_data import FeatureCollector
 from draft_service.training.feature_store import load_pools, save_pools
+from draft_service.training.local_data import pool_items, read_local, train_count
 from draft_service.training.trainer import Trainer, evaluate
 from orchestrator.prompting import PromptBuilder
+from speculum.errors import InvalidArgument
 from speculum.vlm import VisionLanguageModel
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m draft_service.training", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="python -m draft_service.training", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--target", required=True, help="the target folder (llava-hf layout)")
     p.add_argument("--out", required=True, help="where to write the drafter checkpoint")
     p.add_argument("--run-dir", default=None, help="features cache, resumable checkpoint, log (default: OUT.run)")
@@ -44,9 +57,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--eval-every", type=int, default=0)
     p.add_argument("--checkpoint-every", type=int, default=200)
     p.add_argument("--eval-k", type=int, default=4)
-    p.add_argument("--text-samples", type=int, default=200)
-    p.add_argument("--image-samples", type=int, default=600)
-    p.add_argument("--eval-samples", type=int, default=30)
+    p.add_argument("--text-samples", type=int, default=None,
+                   help=f"training text items (default: {DataConfig.text_samples} demo items, or every record of "
+                        "--text-jsonl not held out; a file caps it)")
+    p.add_argument("--image-samples", type=int, default=None,
+                   help=f"training image items (default: {DataConfig.image_samples} demo items, or every record of "
+                        "--llava-json not held out; 0: a text-only drafter)")
+    p.add_argument("--eval-samples", type=int, default=DataConfig.eval_samples,
+                   help="held-out items per modality (demo items, or records split off each file)")
+    p.add_argument("--text-jsonl", type=Path, default=None, help="ShareGPT-style JSONL replacing the demo text items")
+    p.add_argument("--llava-json", type=Path, default=None, help="LLaVA-style JSON replacing the demo image items")
+    p.add_argument("--image-folder", type=Path, default=None, help="the folder of --llava-json's (relative) image paths")
     p.add_argument("--answers", choices=[a.value for a in AnswerSource], default=AnswerSource.SELF.value)
     p.add_argument("--max-new-tokens", type=int, default=160)
     p.add_argument("--heads", type=int, default=4)
@@ -65,12 +86,26 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> dict:
+    """Run the CLI; a malformed data file ends it with `error: <file:line>: <what is wrong>`."""
     args = parse_args(argv)
+    try:
+        return run(args, argv)
+    except InvalidArgument as err:
+        raise SystemExit(f"error: {err}") from None
+
+
+def run(args: argparse.Namespace, argv: list[str] | None) -> dict:
     torch.set_num_threads(args.threads)
     began = time.monotonic()
     target_dir, out = Path(args.target), Path(args.out)
     run_dir = Path(args.run_dir) if args.run_dir else out.with_name(out.name + ".run")
-    data = DataConfig(args.text_samples, args.image_samples, args.eval_samples, AnswerSource(args.answers),
+    try:
+        local = read_local(LocalFiles(args.text_jsonl, args.llava_json, args.image_folder))
+    except ValueError as err:  # --llava-json without --image-folder or the reverse
+        raise SystemExit(f"error: {err}") from None
+    text_samples = train_count(args.text_samples, local.text, args.eval_samples, DataConfig.text_samples)
+    image_samples = train_count(args.image_samples, local.image, args.eval_samples, DataConfig.image_samples)
+    data = DataConfig(text_samples, image_samples, args.eval_samples, AnswerSource(args.answers),
                       args.max_new_tokens, args.seed)
     optim = OptimConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr, warmup_steps=args.warmup_steps,
                         text_only_fraction=args.text_only_fraction, noise=args.noise,
@@ -79,13 +114,15 @@ def main(argv: list[str] | None = None) -> dict:
     ref = target_ref(target_dir, os.path.relpath(target_dir.resolve(), out.resolve()))
 
     target = VisionLanguageModel.from_pretrained(target_dir, torch.device("cpu"))
-    store_key = json.dumps({"data": dataclasses.asdict(data), "target": ref.config_sha256}, default=str)
+    files = local.fingerprint()
+    key = {"data": dataclasses.asdict(data), "target": ref.config_sha256, **({"files": files} if files else {})}
+    store_key = json.dumps(key, default=str)
     pools = load_pools(run_dir / "features.safetensors", store_key)
     if pools is None:
         tokenizer = AutoTokenizer.from_pretrained(target_dir, local_files_only=True)
         processor = AutoImageProcessor.from_pretrained(target_dir, local_files_only=True) if target.is_multimodal else None
         collector = FeatureCollector(target, PromptBuilder(tokenizer, target.image_token_id), processor, tokenizer)
-        pools = collector.pools(data)
+        pools = collector.pools(data, pool_items(data, local, target.is_multimodal))
         save_pools(pools, run_dir / "features.safetensors", store_key)
     features_s = time.monotonic() - began
 
@@ -110,6 +147,7 @@ def main(argv: list[str] | None = None) -> dict:
         "last_loss": round(result.last_loss, 4),
         "heldout": dataclasses.asdict(final),
         "pools": {name: len(getattr(pools, name)) for name in ("train_text", "train_image", "eval_text", "eval_image")},
+        **({"data_files": files} if files else {}),
     }
     save_checkpoint(model, out, torch.float16 if args.fp16 else torch.float32, extra=summary)
     print(json.dumps(summary))

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass
+from pathlib import Path
 
 
 class AnswerSource(enum.Enum):
@@ -19,9 +20,11 @@ class AnswerSource(enum.Enum):
 
 @dataclass(frozen=True)
 class DataConfig:
-    """text_samples / image_samples: training sequences per pool · eval_samples: held-out image
-    (describe) prompts for the acceptance evaluation, and as many held-out text prompts ·
-    max_new_tokens: cap on self-distilled answers · seed: which demo-world items are drawn."""
+    """text_samples / image_samples: training sequences per pool (demo items, or records of a local
+    file) · eval_samples: held-out image prompts for the acceptance evaluation (demo describe
+    scenes, or records split off a local file), and as many held-out text prompts · max_new_tokens:
+    cap on self-distilled answers · seed: which demo-world items are drawn and which file records
+    are held out."""
 
     text_samples: int = 200
     image_samples: int = 600
@@ -35,6 +38,25 @@ class DataConfig:
             raise ValueError("sample counts must be >= 0 and max_new_tokens >= 1")
         if self.text_samples + self.image_samples == 0:
             raise ValueError("no training data")
+
+
+@dataclass(frozen=True)
+class LocalFiles:
+    """Local data replacing the demo generator, per modality (None: demo items) · text_jsonl:
+    ShareGPT-style JSONL · llava_json: LLaVA-style JSON whose image paths are relative to
+    image_folder (the two go together). Formats and the held-out split: training/local_data.py."""
+
+    text_jsonl: Path | None = None
+    llava_json: Path | None = None
+    image_folder: Path | None = None
+
+    def __post_init__(self) -> None:
+        if (self.llava_json is None) != (self.image_folder is None):
+            raise ValueError("a LLaVA JSON file and its image folder go together")
+
+    @property
+    def any(self) -> bool:
+        return self.text_jsonl is not None or self.llava_json is not None
 
 
 @dataclass(frozen=True)

@@ -2,7 +2,8 @@
 
 Image items follow the target's own training mix (without its text share); text items come from
 demo_world's text-only instruction set. Held-out items use other seeds (scenes) and the held-out
-docstrings (text), so the acceptance evaluation never sees a training prompt.
+docstrings (text), so the acceptance evaluation never sees a training prompt. The collector takes
+items from local files (local_data.py) the same way.
 """
 
 from __future__ import annotations
@@ -38,6 +39,16 @@ class FeaturePools:
     eval_image: list[FeatureSample]
 
 
+@dataclass(frozen=True)
+class PoolItems:
+    """The items behind each of FeaturePools' pools, before the target has seen them."""
+
+    train_text: Sequence[Sample]
+    train_image: Sequence[Sample]
+    eval_text: Sequence[Sample]
+    eval_image: Sequence[Sample]
+
+
 def demo_items(count: int, multimodal: bool, held_out: bool, seed: int) -> list[Sample]:
     """`count` seeded demo items: image questions (describe only when held out) or text instructions."""
     rng = random.Random(f"drafter:{seed}:{'heldout' if held_out else 'train'}:{'image' if multimodal else 'text'}")
@@ -46,6 +57,16 @@ def demo_items(count: int, multimodal: bool, held_out: bool, seed: int) -> list[
     kinds, weights = zip(*IMAGE_MIX)
     pick = (lambda: Kind.DESCRIBE.value) if held_out else (lambda: rng.choices(kinds, weights)[0])
     return [make_item(pick(), rng, FULL.scenes, held_out) for _ in range(count)]
+
+
+def demo_pool_items(config: DataConfig, multimodal: bool) -> PoolItems:
+    """Every pool drawn from the demo world (no image items for a text-only target)."""
+    return PoolItems(
+        train_text=demo_items(config.text_samples, False, False, config.seed),
+        train_image=demo_items(config.image_samples if multimodal else 0, True, False, config.seed),
+        eval_text=demo_items(config.eval_samples, False, True, config.seed),
+        eval_image=demo_items(config.eval_samples if multimodal else 0, True, True, config.seed),
+    )
 
 
 class FeatureCollector:
@@ -66,27 +87,31 @@ class FeatureCollector:
         return PromptInputs(token_ids, pixel_values=pixels, visual_embeds=self.target.encode_images(pixels).cpu())
 
     def collect(self, items: Sequence[Sample], answers: AnswerSource, max_new_tokens: int, label: str) -> list[FeatureSample]:
-        out = []
+        out, too_long = [], 0
         for item in tqdm(items, desc=f"features: {label}", unit="seq"):
             prompt = self.prompt(item)
+            # Answers are cut to the target's context; a prompt that leaves no room for one is skipped.
+            room = self.target.max_positions - len(self.target.expand_image_tokens(prompt.token_ids))
+            if room < 2:
+                too_long += 1
+                continue
             if answers is AnswerSource.SELF:
-                answer = greedy_answer(self.target, prompt, max_new_tokens)
+                answer = greedy_answer(self.target, prompt, min(max_new_tokens, room))
             else:
                 answer = self.tokenizer(" " + item.example.answer, add_special_tokens=False).input_ids
-                answer = [*answer, *sorted(self.target.eos_token_ids)[:1]]
+                answer = [*answer, *sorted(self.target.eos_token_ids)[:1]][:room]
             out.append(extract_features(self.target, prompt, answer, dtype=STORAGE_DTYPE))
+        if too_long:
+            tqdm.write(f"features: {label}: skipped {too_long} prompts longer than the target's context")
         return out
 
-    def pools(self, config: DataConfig) -> FeaturePools:
-        """Every pool of `config`; held-out sets always hold the target's own answers (what it will emit)."""
-        image = self.target.is_multimodal
+    def pools(self, config: DataConfig, items: PoolItems | None = None) -> FeaturePools:
+        """Every pool of `config`, from `items` (default: the demo world's); held-out sets always hold
+        the target's own answers (what it will emit)."""
+        items = demo_pool_items(config, self.target.is_multimodal) if items is None else items
         return FeaturePools(
-            train_text=self.collect(demo_items(config.text_samples, False, False, config.seed), config.answers,
-                                    config.max_new_tokens, "train text"),
-            train_image=self.collect(demo_items(config.image_samples if image else 0, True, False, config.seed),
-                                     config.answers, config.max_new_tokens, "train image"),
-            eval_text=self.collect(demo_items(config.eval_samples, False, True, config.seed), AnswerSource.SELF,
-                                   config.max_new_tokens, "held-out text"),
-            eval_image=self.collect(demo_items(config.eval_samples if image else 0, True, True, config.seed),
-                                    AnswerSource.SELF, config.max_new_tokens, "held-out image"),
+            train_text=self.collect(items.train_text, config.answers, config.max_new_tokens, "train text"),
+            train_image=self.collect(items.train_image, config.answers, config.max_new_tokens, "train image"),
+            eval_text=self.collect(items.eval_text, AnswerSource.SELF, config.max_new_tokens, "held-out text"),
+            eval_image=self.collect(items.eval_image, AnswerSource.SELF, config.max_new_tokens, "held-out image"),
         )
