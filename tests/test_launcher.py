@@ -43,6 +43,22 @@ def test_public_api_reflection_and_http_health(stack):
         assert reply.status == 200
 
 
+def test_every_part_exports_metrics_the_ray_replica_included(stack):
+    from test_metrics import handled, scrape
+
+    running, _ = stack
+    stub = speculum_pb2_grpc.SpeculumStub(grpc.insecure_channel(running.address))
+    before = scrape(running.metrics_ports["orchestrator"])
+    ask(stub, "Describe the image in detail.", [png_bytes(32)])
+    orchestrator = scrape(running.metrics_ports["orchestrator"])  # the Serve replica's own exporter
+    assert handled(orchestrator, "speculum.v1.Speculum", "Generate", "OK") - handled(
+        before, "speculum.v1.Speculum", "Generate", "OK") == 1
+    assert orchestrator[("speculum_mean_accepted_length_count", frozenset())] >= 1
+    assert handled(scrape(running.metrics_ports["verify"]), "speculum.v1.Verifier", "Prefill", "OK") >= 1
+    assert handled(scrape(running.metrics_ports["draft"]), "speculum.v1.Drafter", "Prefill", "OK") >= 1
+    assert handled(scrape(running.metrics_ports["encoder"]), "speculum.v1.VisionEncoder", "Encode", "OK") >= 1
+
+
 def test_killed_drafter_process_keeps_the_output(stack, llava_engine):
     running, _ = stack
     stub = speculum_pb2_grpc.SpeculumStub(grpc.insecure_channel(running.address))

@@ -4,27 +4,25 @@ ghz itself cannot be installed on this machine (no apt/PyPI package; npm's `ghz`
 placeholder, notes/stack.md §5), so its configurations are checked the way ghz reads them: the
 option names are ghz's, the call names a method the public service has, and the request JSON
 converts to a `speculum.v1.GenerateRequest` with protobuf's JSON mapping. The Python generator
-then runs briefly against `speculum serve`'s stack (LocalStack, real Ray Serve), and the stack's
-Prometheus exporters (the orchestrator replica's included) are scraped afterwards.
+then runs briefly against the public API on a real gRPC server over the real services, whose
+Prometheus exporters are scraped afterwards (`make loadtest` runs it against `speculum serve`).
 """
 
 from __future__ import annotations
 
 import asyncio
-import datetime
 import json
-import time
-import urllib.request
 
 import grpc
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 
+from loadtest.__main__ import measure
 from loadtest.generator import Call, LevelSettings, Method, summarise
 from loadtest.ghz_config import CONFIGS, SAMPLE_IMAGE, request_from_config
-from speculum.launcher import LocalStack, StackConfig
-from speculum.ports import free_port
+from orchestrator.serve_app import OrchestratorConfig, SpeculumApp
+from speculum.rpc.settings import MetricsSettings
 from speculum.v1 import common_pb2, speculum_pb2, speculum_pb2_grpc
+from test_metrics import handled, scrape, services  # noqa: F401  (services: the fixture)
 
 # The JSON option names of ghz's runner.Config (ghz v0.120, runner/config.go).
 GHZ_OPTIONS = {
@@ -68,32 +66,37 @@ def test_summary_counts_errors_and_orders_percentiles():
     assert report.tokens_per_s == pytest.approx(97 * 8 / 2.0)
 
 
-@pytest.fixture(scope="module")
-def stack(llava_dir):
-    with LocalStack(StackConfig(llava_dir, "ngram", port=free_port())) as running:
-        yield running
+def test_generator_against_a_real_server_and_its_metrics(services, llava_dir):
+    """The public API on a real grpc.aio server (the Serve app's class without Ray, over the real
+    services); test_launcher.py scrapes the same app as a replica inside `speculum serve`'s Ray."""
+    verifier, drafter, encoder = services
+    app = SpeculumApp(OrchestratorConfig(str(llava_dir), verifier.address, drafter.address, encoder.address,
+                                         metrics=MetricsSettings(port=0)))
 
+    async def scenario():
+        server = grpc.aio.server()
+        speculum_pb2_grpc.add_SpeculumServicer_to_server(app, server)
+        port = server.add_insecure_port("127.0.0.1:0")
+        await server.start()
+        try:
+            target = f"127.0.0.1:{port}"
+            reports = await measure(target, list(Method), levels=[1, 2], duration_s=1.0, timeout_s=60)
+            async with grpc.aio.insecure_channel(target) as channel:
+                with pytest.raises(grpc.aio.AioRpcError) as caught:
+                    await speculum_pb2_grpc.SpeculumStub(channel).Generate(
+                        speculum_pb2.GenerateRequest(prompt="", sampling=common_pb2.SamplingParams(max_new_tokens=2)),
+                        timeout=30)
+                assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+            return reports
+        finally:
+            await server.stop(0)
 
-def scrape(port: int) -> dict[tuple[str, frozenset], float]:
-    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as response:
-        text = response.read().decode()
-    return {
-        (sample.name, frozenset(sample.labels.items())): sample.value
-        for family in text_string_to_metric_families(text)
-        for sample in family.samples
-    }
-
-
-def handled(samples, service: str, method: str, code: str) -> float:
-    labels = frozenset({"grpc_service": service, "grpc_method": method, "grpc_code": code}.items())
-    return samples.get(("grpc_server_handled_total", labels), 0.0)
-
-
-def test_generator_against_the_local_stack_and_its_metrics(stack, tmp_path):
-    from loadtest.__main__ import measure
-
-    started = datetime.datetime.now()
-    reports = asyncio.run(measure(stack.address, list(Method), levels=[1, 2], duration_s=1.5, timeout_s=60))
+    before = scrape(verifier.metrics.port)
+    try:
+        reports = asyncio.run(scenario())
+        orchestrator = scrape(app.metrics.port)
+    finally:
+        app.metrics.close()
     assert [(r.method, r.concurrency) for r in reports] == [
         ("Generate", 1), ("Generate", 2), ("GenerateStream", 1), ("GenerateStream", 2)
     ]
@@ -102,27 +105,15 @@ def test_generator_against_the_local_stack_and_its_metrics(stack, tmp_path):
         assert report.rps > 0 and report.tokens_per_s > 0
         latency = report.latency_ms
         assert latency.fastest <= latency.p50 <= latency.p95 <= latency.p99 <= latency.slowest
-    assert reports[-1].time_to_first_message_ms.p50 <= reports[-1].latency_ms.p50
-    assert (datetime.datetime.now() - started).total_seconds() < 60
+    stream = reports[-1]
+    assert stream.time_to_first_message_ms.p50 <= stream.latency_ms.p50
 
-    # What the stack's exporters saw: every call above (and a warm-up per method), all OK.
-    public = speculum_pb2_grpc.SpeculumStub(grpc.insecure_channel(stack.address))
-    with pytest.raises(grpc.RpcError) as caught:
-        public.Generate(speculum_pb2.GenerateRequest(prompt="", sampling=common_pb2.SamplingParams(max_new_tokens=2)),
-                        timeout=30)
-    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
-    orchestrator = scrape(stack.metrics_ports["orchestrator"])
+    # What the exporters saw: every measured call plus one warm-up per RPC, all OK; one bad call.
     for method in Method:
         calls = sum(r.count for r in reports if r.method == method.value) + 1
         assert handled(orchestrator, "speculum.v1.Speculum", method.value, "OK") == calls
     assert handled(orchestrator, "speculum.v1.Speculum", "Generate", "INVALID_ARGUMENT") == 1
-    assert orchestrator[("speculum_verify_round_seconds_count", frozenset())] > 0
-
-    verify = scrape(stack.metrics_ports["verify"])
-    assert handled(verify, "speculum.v1.Verifier", "Prefill", "OK") == sum(r.count for r in reports) + 2
-    deadline = time.monotonic() + 10  # the last sessions are released just after the last answer
-    while scrape(stack.metrics_ports["verify"])[("speculum_sessions_live", frozenset())] and time.monotonic() < deadline:
-        time.sleep(0.2)
-    assert scrape(stack.metrics_ports["verify"])[("speculum_sessions_live", frozenset())] == 0
-    encoder = scrape(stack.metrics_ports["encoder"])
-    assert encoder[("speculum_image_cache_hits_total", frozenset())] >= sum(r.count for r in reports)
+    after = scrape(verifier.metrics.port)
+    prefills = handled(after, "speculum.v1.Verifier", "Prefill", "OK") - handled(before, "speculum.v1.Verifier", "Prefill", "OK")
+    assert prefills == sum(r.count for r in reports) + 2
+    assert after[("speculum_sessions_live", frozenset())] == 0
