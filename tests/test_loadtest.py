@@ -22,7 +22,7 @@ from loadtest.ghz_config import CONFIGS, SAMPLE_IMAGE, request_from_config
 from orchestrator.serve_app import OrchestratorConfig, SpeculumApp
 from speculum.rpc.settings import MetricsSettings
 from speculum.v1 import common_pb2, speculum_pb2, speculum_pb2_grpc
-from test_metrics import handled, scrape, services  # noqa: F401  (services: the fixture)
+from test_metrics import handled, scrape, services, settled  # noqa: F401  (services: the fixture)
 
 # The JSON option names of ghz's runner.Config (ghz v0.120, runner/config.go).
 GHZ_OPTIONS = {
@@ -113,7 +113,7 @@ def test_generator_against_a_real_server_and_its_metrics(services, llava_dir):
         calls = sum(r.count for r in reports if r.method == method.value) + 1
         assert handled(orchestrator, "speculum.v1.Speculum", method.value, "OK") == calls
     assert handled(orchestrator, "speculum.v1.Speculum", "Generate", "INVALID_ARGUMENT") == 1
-    after = scrape(verifier.metrics.port)
+    after = settled(verifier.metrics.port, "speculum_sessions_live", 0)
     prefills = handled(after, "speculum.v1.Verifier", "Prefill", "OK") - handled(before, "speculum.v1.Verifier", "Prefill", "OK")
     assert prefills == sum(r.count for r in reports) + 2
     assert after[("speculum_sessions_live", frozenset())] == 0

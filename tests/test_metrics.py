@@ -8,6 +8,7 @@ through its public methods, so its requests reach the services over real gRPC.
 from __future__ import annotations
 
 import asyncio
+import time
 import urllib.request
 
 import grpc
@@ -53,6 +54,14 @@ def value(samples, name: str) -> float:
     return samples.get((name, frozenset()), 0.0)
 
 
+def settled(port: int, name: str, expected: float, within_s: float = 10.0) -> dict:
+    """Scrape until `name` reads `expected` (sessions are released just after the last answer)."""
+    deadline = time.monotonic() + within_s
+    while value(samples := scrape(port), name) != expected and time.monotonic() < deadline:
+        time.sleep(0.1)
+    return samples
+
+
 @pytest.fixture(scope="module")
 def services(llava_engine, llava_dir):
     with RedisServer() as redis:
@@ -91,7 +100,9 @@ def test_a_request_moves_every_services_counters(services, app):
     second = generate(app, "What is in it?", [image])
     assert (first.images.cache_hits, second.images.cache_hits) == (0, 1)
 
-    verify, draft, enc = (scrape(s.metrics.port) for s in services)
+    verify = settled(verifier.metrics.port, "speculum_sessions_live", 0)
+    draft = settled(drafter.metrics.port, "speculum_sessions_live", 0)
+    enc = scrape(encoder.metrics.port)
     # the verifier: one Prefill and one Verify per round, per request, all OK; sessions released
     assert handled(verify, "speculum.v1.Verifier", "Prefill", "OK") - handled(
         before["verify"], "speculum.v1.Verifier", "Prefill", "OK") == 2
