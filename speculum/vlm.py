@@ -158,6 +158,64 @@ class VisionLanguageModel:
         logits = self._lm_head(head_input).float()
         return ModelStep(logits=logits, hidden=hidden)
 
+    @torch.inference_mode()
+    def forward_batch(self, caches: Sequence[DynamicCache], token_lists: Sequence[Sequence[int]],
+                      parents_lists: Sequence[Sequence[int]]) -> list[ModelStep]:
+        """One decoder pass for several sequences, each with its own cache (extended in place).
+
+        Sequence b feeds token_lists[b] [T_b] as a tree (parents_lists[b] [T_b - 1], see forward;
+        a chain is (-1, 0, 1, ...)). Caches of different lengths are right-padded into one batch and
+        the padding is masked out, so each row computes what `forward` alone would.
+        """
+        lengths = [cache.get_seq_length() for cache in caches]
+        longest, widest = max(lengths), max(len(tokens) for tokens in token_lists)
+        for length, tokens in zip(lengths, token_lists):
+            if length + len(tokens) > self.max_positions:
+                raise InvalidArgument("sampling.max_new_tokens", f"the sequence would exceed the target's context of "
+                                      f"{self.max_positions}")
+        batch = len(caches)
+        visible = torch.zeros(batch, widest, longest + widest, dtype=torch.bool)
+        positions = torch.zeros(batch, widest, dtype=torch.long)
+        ids = torch.zeros(batch, widest, dtype=torch.long)
+        for b, (length, tokens, parents) in enumerate(zip(lengths, token_lists, parents_lists)):
+            count = len(tokens)
+            ids[b, :count] = torch.tensor(list(tokens))
+            visible[b, :, :length] = True
+            visible[b, :count, longest : longest + count] = tree.ancestor_mask(parents)
+            visible[b, count:, longest + count :] = torch.eye(widest - count, dtype=torch.bool)  # padding: itself
+            positions[b, :count] = torch.tensor([0, *tree.depths(parents)]) + length
+            positions[b, count:] = length
+        padded = self._padded_cache(caches, longest)
+        dtype = self.model.dtype
+        mask = torch.zeros(visible.shape, dtype=dtype).masked_fill_(~visible, torch.finfo(dtype).min)
+        embeds = self._decoder.get_input_embeddings()(ids.to(self.device))
+        out = self._decoder(inputs_embeds=embeds, past_key_values=padded, use_cache=True,
+                            attention_mask=mask[:, None].to(self.device), position_ids=positions.to(self.device))
+        steps = []
+        for b, (cache, tokens) in enumerate(zip(caches, token_lists)):
+            count = len(tokens)
+            for index, layer in enumerate(padded.layers):
+                cache.update(layer.keys[b : b + 1, :, longest : longest + count],
+                             layer.values[b : b + 1, :, longest : longest + count], index)
+            hidden = out.last_hidden_state[b, :count]
+            steps.append(ModelStep(logits=self._lm_head(hidden).float(), hidden=hidden))
+        return steps
+
+    def _padded_cache(self, caches: Sequence[DynamicCache], longest: int) -> DynamicCache:
+        """The caches right-padded to `longest` positions and stacked along the batch."""
+        padded = self.new_cache()
+        for index in range(len(caches[0].layers)):
+            keys = [c.layers[index].keys for c in caches]
+            shape = (len(caches), keys[0].shape[1], longest, keys[0].shape[-1])
+            batch_keys = keys[0].new_zeros(shape)
+            batch_values = keys[0].new_zeros(shape)
+            for b, cache in enumerate(caches):
+                length = cache.layers[index].keys.shape[-2]
+                batch_keys[b, :, :length] = cache.layers[index].keys[0]
+                batch_values[b, :, :length] = cache.layers[index].values[0]
+            padded.update(batch_keys, batch_values, index)
+        return padded
+
     def _tree_attention(self, num_cached: int, parents: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
         """-> additive mask [1, 1, T, S + T] and position ids [1, T] for a tree of T - 1 nodes."""
         visible = torch.cat([torch.ones(len(parents) + 1, num_cached, dtype=torch.bool), tree.ancestor_mask(parents)], 1)

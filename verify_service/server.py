@@ -1,7 +1,8 @@
 """The verify service: a thin gRPC servicer over TargetSession, one KV cache per session.
 
 Sessions are refused (RESOURCE_EXHAUSTED) rather than evicted when the store is full: evicting a
-verifier session would lose a request. One model pass runs at a time (the device is the bottleneck).
+verifier session would lose a request. One model pass runs at a time (the device is the bottleneck);
+with a batch window, concurrent sessions' blocks share one pass (verify_service.batching).
 """
 
 from __future__ import annotations
@@ -15,13 +16,14 @@ from pathlib import Path
 from speculum.metrics import SessionCollector
 from speculum.rpc import convert
 from speculum.rpc.server import RunningServer, run_until_signal, start_server
-from speculum.rpc.settings import ServerSettings, SessionSettings
+from speculum.rpc.settings import BatchSettings, ServerSettings, SessionSettings
 from speculum.rpc.status import mapped
 from speculum.sessions import SessionStore
 from speculum.telemetry import setup_tracing, tracer
 from speculum.v1 import verifier_pb2_grpc
 from speculum.v1.session_pb2 import ReleaseResponse
 from speculum.vlm import VisionLanguageModel
+from verify_service.batching import VerifyBatcher
 from verify_service.target import TargetSession
 
 SERVICE_NAME = "speculum.v1.Verifier"
@@ -35,12 +37,13 @@ class _Session:
 
 
 class VerifierServicer(verifier_pb2_grpc.VerifierServicer):
-    def __init__(self, model: VisionLanguageModel, sessions: SessionSettings):
+    def __init__(self, model: VisionLanguageModel, sessions: SessionSettings, batch: BatchSettings = BatchSettings()):
         self.model = model
         self.sessions: SessionStore[_Session] = SessionStore(
             sessions.ttl_s, sessions.max_sessions, evict_when_full=False, close=lambda s: s.target.close()
         )
         self._device = threading.Lock()
+        self.batcher = VerifyBatcher(batch, self._device) if batch.window_s > 0 else None
 
     @mapped
     def Prefill(self, request, context):
@@ -66,10 +69,13 @@ class VerifierServicer(verifier_pb2_grpc.VerifierServicer):
         block = convert.block_from_proto(request.block)
         with (
             self.sessions.use(request.session_id) as owned,
-            self._device,
             tracer().start_as_current_span("speculum.target.verify") as span,
         ):
-            result = owned.target.verify(block)
+            if self.batcher is not None:
+                result = self.batcher.verify(owned.target, block)
+            else:
+                with self._device:
+                    result = owned.target.verify(block)
             span.set_attributes(
                 {"speculum.draft_tokens": len(block.tokens), "speculum.accepted_tokens": result.num_accepted}
             )
@@ -80,8 +86,9 @@ class VerifierServicer(verifier_pb2_grpc.VerifierServicer):
         return ReleaseResponse(released=self.sessions.release(request.session_id))
 
 
-def serve(model: VisionLanguageModel, settings: ServerSettings, sessions: SessionSettings) -> RunningServer:
-    servicer = VerifierServicer(model, sessions)
+def serve(model: VisionLanguageModel, settings: ServerSettings, sessions: SessionSettings,
+          batch: BatchSettings = BatchSettings()) -> RunningServer:
+    servicer = VerifierServicer(model, sessions, batch)
     running = start_server(
         settings,
         [lambda server: verifier_pb2_grpc.add_VerifierServicer_to_server(servicer, server)],
@@ -103,7 +110,8 @@ def main(argv: list[str] | None = None) -> None:
     setup_tracing("verifier")  # before the server is built: instrumentation patches grpc.server
     pin_from_env("VERIFY")
     settings = ServerSettings.from_env("VERIFY", DEFAULT_PORT)
-    running = serve(VisionLanguageModel.from_pretrained(args.target), settings, SessionSettings.from_env("VERIFY"))
+    running = serve(VisionLanguageModel.from_pretrained(args.target), settings, SessionSettings.from_env("VERIFY"),
+                    BatchSettings.from_env())
     logging.getLogger("speculum.verify").info("ready port=%d", running.port)
     run_until_signal(running, settings.grace_s)
 

@@ -16,7 +16,7 @@ from speculum.errors import InvalidArgument
 from speculum.records import DraftBlock, PromptInputs, VerifyResult
 from speculum.rejection import Verdict, verify_greedy, verify_sampling, verify_tree_greedy, verify_tree_sampling
 from speculum.sampling import probs_from_logits
-from speculum.vlm import VisionLanguageModel
+from speculum.vlm import ModelStep, VisionLanguageModel
 
 
 class TargetSession:
@@ -50,38 +50,39 @@ class TargetSession:
 
     def verify(self, block: DraftBlock) -> VerifyResult:
         """Check `block` in one forward pass; the cache ends at the pending token's predecessor."""
-        assert self._pending is not None, "prefill first"
-        if not block.is_chain:
-            return self._verify_tree(block)
         committed = self.cache_length
-        step = self.model.forward(self.cache, [self._pending, *block.tokens])
-        verdict = self._judge(block, step.logits)
-        kv_cache.truncate(self.cache, committed + 1 + verdict.num_accepted)
-        self._pending = verdict.next_token
-        accepted = block.tokens[: verdict.num_accepted]
-        return VerifyResult(
-            verdict.num_accepted,
-            (*accepted, verdict.next_token),
-            verdict.next_kind,
-            step.hidden[: verdict.num_accepted + 1],
-        )
+        tokens, parents = self.pass_inputs(block)
+        step = self.model.forward(self.cache, tokens, tree_parents=None if block.is_chain else parents)
+        return self.settle(block, committed, step)
 
-    def _verify_tree(self, block: DraftBlock) -> VerifyResult:
-        """Check every branch of a candidate tree in one pass (tree attention), keep the accepted one."""
+    def pass_inputs(self, block: DraftBlock) -> tuple[list[int], tuple[int, ...]]:
+        """The tokens a verification feeds ([pending, *block]) and the block's parents (a chain's too)."""
+        assert self._pending is not None, "prefill first"
+        if block.is_chain:
+            return [self._pending, *block.tokens], tuple(range(-1, len(block.tokens) - 1))
         tree.check_parents(block.parents)
-        committed = self.cache_length
-        step = self.model.forward(self.cache, [self._pending, *block.tokens], tree_parents=block.parents)
-        if self.sampling.greedy:
-            verdict = verify_tree_greedy(block.tokens, block.parents, step.logits)
+        return [self._pending, *block.tokens], block.parents
+
+    def settle(self, block: DraftBlock, committed: int, step: ModelStep) -> VerifyResult:
+        """Judge `block` from the pass's `step` (logits and hidden of its 1 + K rows) and keep the
+        accepted rows of the cache, which held `committed` positions before the pass."""
+        if block.is_chain:
+            verdict = self._judge(block, step.logits)
+            path = tuple(range(verdict.num_accepted))
+            kv_cache.truncate(self.cache, committed + 1 + verdict.num_accepted)
         else:
-            target_probs = probs_from_logits(step.logits, self.sampling).cpu()
-            draft_probs = None if block.draft_probs is None else block.draft_probs.float().cpu()
-            verdict = verify_tree_sampling(block.tokens, block.parents, draft_probs, target_probs, self._generator)
-        kv_cache.keep_rows(self.cache, committed + 1, [committed + 1 + node for node in verdict.path])
+            if self.sampling.greedy:
+                verdict = verify_tree_greedy(block.tokens, block.parents, step.logits)
+            else:
+                target_probs = probs_from_logits(step.logits, self.sampling).cpu()
+                draft_probs = None if block.draft_probs is None else block.draft_probs.float().cpu()
+                verdict = verify_tree_sampling(block.tokens, block.parents, draft_probs, target_probs, self._generator)
+            path = verdict.path
+            kv_cache.keep_rows(self.cache, committed + 1, [committed + 1 + node for node in path])
         self._pending = verdict.next_token
-        rows = [0, *(node + 1 for node in verdict.path)]
-        accepted = tuple(block.tokens[node] for node in verdict.path)
-        return VerifyResult(len(verdict.path), (*accepted, verdict.next_token), verdict.next_kind, step.hidden[rows])
+        accepted = tuple(block.tokens[node] for node in path)
+        rows = [0, *(node + 1 for node in path)]
+        return VerifyResult(len(path), (*accepted, verdict.next_token), verdict.next_kind, step.hidden[rows])
 
     def _judge(self, block: DraftBlock, target_logits: torch.Tensor) -> Verdict:
         """target_logits: [K + 1, V] for the block's positions and the one after it."""
@@ -94,6 +95,18 @@ class TargetSession:
 
     def close(self) -> None:
         self.cache = None
+
+
+def verify_batch(sessions: list[TargetSession], blocks: list[DraftBlock]) -> list[VerifyResult]:
+    """Verify several sessions' blocks in ONE batched target pass (same results as one by one)."""
+    if len(sessions) == 1:
+        return [sessions[0].verify(blocks[0])]
+    model = sessions[0].model
+    assert all(session.model is model for session in sessions), "a batch shares one model"
+    committed = [session.cache_length for session in sessions]
+    inputs = [session.pass_inputs(block) for session, block in zip(sessions, blocks)]
+    steps = model.forward_batch([s.cache for s in sessions], [t for t, _ in inputs], [p for _, p in inputs])
+    return [s.settle(b, c, step) for s, b, c, step in zip(sessions, blocks, committed, steps)]
 
 
 class InProcessVerifier:

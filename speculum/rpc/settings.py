@@ -163,3 +163,21 @@ def tree_shape_from_env() -> TreeShape:
     """SPECULUM_DRAFT_TREE_WIDTH (default 1: chains) and SPECULUM_DRAFT_TREE_NODES (default 0: 2 x K x width):
     the candidate trees a feature drafter grows each round."""
     return TreeShape(_int("SPECULUM_DRAFT_TREE_WIDTH", 1), _int("SPECULUM_DRAFT_TREE_NODES", 0))
+
+
+@dataclass(frozen=True)
+class BatchSettings:
+    """Batched verification. window_s: how long the first caller waits for other sessions' blocks
+    (0 = every block verified alone) · max_batch: blocks per target pass."""
+
+    window_s: float = 0.0
+    max_batch: int = 16
+
+    def __post_init__(self) -> None:
+        if self.window_s < 0 or self.max_batch < 1:
+            raise ValueError("the batch window must be >= 0 and the batch size >= 1")
+
+    @classmethod
+    def from_env(cls) -> BatchSettings:
+        """SPECULUM_VERIFY_BATCH_WINDOW_MS (default 0: off) and SPECULUM_VERIFY_MAX_BATCH (default 16)."""
+        return cls(_float("SPECULUM_VERIFY_BATCH_WINDOW_MS", 0.0) / 1000, _int("SPECULUM_VERIFY_MAX_BATCH", 16))

@@ -1,0 +1,109 @@
+"""Batched verification under concurrency (issue 8): the same load with the batch window off and on.
+
+Each mode starts `speculum serve`'s stack (verifier pinned to core 0, drafter to core 1) and sends
+`--streams` concurrent closed-loop request streams through the public gRPC API (greedy, image
+prompts from the shipped samples). Reports aggregate tokens/s, p50/p99 request latency, the ratio
+(target >= 2x at 16 streams) and checks that both modes returned the same tokens.
+Usage: python -m bench.batching [--streams 16] [--requests-per-stream 3] [--window-ms 4]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import threading
+import time
+from pathlib import Path
+
+import grpc
+
+from orchestrator.engine import GenerateRequest
+from orchestrator.public_api import request_to_proto
+from speculum.config import SamplingParams
+from speculum.launcher import LocalStack, StackConfig
+from speculum.paths import demo_drafter_dir, demo_target_dir
+from speculum.ports import free_port
+from speculum.v1 import speculum_pb2_grpc
+
+PROMPT = "Describe the image in detail."
+
+
+def run_mode(window_ms: float, streams: int, per_stream: int, max_new_tokens: int, drafter: str) -> dict:
+    os.environ["SPECULUM_VERIFY_BATCH_WINDOW_MS"] = str(window_ms)
+    os.environ["SPECULUM_VERIFY_MAX_BATCH"] = str(streams)
+    os.environ.setdefault("SPECULUM_MAX_WORKERS", str(2 * streams))  # every stream's RPC gets a thread
+    samples = sorted((demo_target_dir().parent / "samples").glob("*.png"))
+    latencies: list[float] = []
+    answers: dict[tuple[int, int], tuple[int, ...]] = {}
+    tokens = 0
+    lock = threading.Lock()
+    with LocalStack(StackConfig(demo_target_dir(), drafter, port=free_port())) as stack:
+        channel = grpc.insecure_channel(stack.address, options=[("grpc.max_send_message_length", 64 << 20)])
+        stub = speculum_pb2_grpc.SpeculumStub(channel)
+
+        def request(s: int, i: int):
+            image = samples[(s + i) % len(samples)].read_bytes()
+            return request_to_proto(GenerateRequest(PROMPT, [image], SamplingParams(max_new_tokens=max_new_tokens)))
+
+        stub.Generate(request(0, 0), timeout=300)  # warm-up
+        barrier = threading.Barrier(streams + 1)
+
+        def stream(s: int) -> None:
+            nonlocal tokens
+            barrier.wait()
+            for i in range(per_stream):
+                started = time.perf_counter()
+                response = stub.Generate(request(s, i), timeout=600)
+                with lock:
+                    latencies.append(time.perf_counter() - started)
+                    answers[(s, i)] = tuple(response.token_ids)
+                    tokens += len(response.token_ids)
+
+        threads = [threading.Thread(target=stream, args=(s,)) for s in range(streams)]
+        for thread in threads:
+            thread.start()
+        barrier.wait()
+        started = time.perf_counter()
+        for thread in threads:
+            thread.join()
+        wall = time.perf_counter() - started
+    latencies.sort()
+    return {
+        "window_ms": window_ms,
+        "tokens_per_s": round(tokens / wall, 1),
+        "p50_s": round(statistics.median(latencies), 3),
+        "p99_s": round(latencies[min(len(latencies) - 1, int(0.99 * len(latencies)))], 3),
+        "requests": len(latencies),
+        "answers": answers,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--streams", type=int, default=16)
+    parser.add_argument("--requests-per-stream", type=int, default=3)
+    parser.add_argument("--max-new-tokens", type=int, default=96)
+    parser.add_argument("--window-ms", type=float, default=4.0)
+    parser.add_argument("--drafter", default=str(demo_drafter_dir()))
+    parser.add_argument("--out", type=Path, default=Path("runs/bench/batching.json"))
+    args = parser.parse_args()
+    rows = [run_mode(w, args.streams, args.requests_per_stream, args.max_new_tokens, args.drafter)
+            for w in (0.0, args.window_ms)]
+    same = rows[0].pop("answers") == rows[1].pop("answers")
+    ratio = rows[1]["tokens_per_s"] / rows[0]["tokens_per_s"]
+    print(f"{args.streams} concurrent streams x {args.requests_per_stream} requests, greedy, image prompts, "
+          f"max {args.max_new_tokens} new tokens, drafter {Path(args.drafter).name}")
+    print(f"{'verification':<22} {'tokens/s':>9} {'p50 s':>7} {'p99 s':>7}")
+    for row in rows:
+        label = "one block per pass" if row["window_ms"] == 0 else f"batched ({row['window_ms']:g} ms window)"
+        print(f"{label:<22} {row['tokens_per_s']:>9.1f} {row['p50_s']:>7.3f} {row['p99_s']:>7.3f}")
+    print(f"batched / unbatched: {ratio:.2f}x (target >= 2x); identical answers: {same}")
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps({"settings": vars(args) | {"out": str(args.out)}, "rows": rows,
+                                    "ratio": ratio, "identical_answers": same}, indent=2))
+
+
+if __name__ == "__main__":
+    main()
