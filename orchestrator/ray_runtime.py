@@ -81,6 +81,7 @@ def application(config: OrchestratorConfig, num_replicas: int = 1):
         num_replicas=num_replicas,
         ray_actor_options={"num_cpus": 0},
         max_ongoing_requests=config.max_concurrent,
+        max_queued_requests=config.max_queued,  # beyond it: RESOURCE_EXHAUSTED, not an unbounded queue
     )
     return deployment.bind(config)
 

@@ -53,6 +53,8 @@ class OrchestratorConfig:
     max_message_bytes: gRPC message limit towards the services.
     verify_timeout_s / draft_timeout_s: per-RPC deadlines; a slow drafter is dropped, not waited for.
     max_concurrent: requests one replica steps at once (one thread each).
+    max_queued: requests waiting for a replica beyond those; more are refused with RESOURCE_EXHAUSTED
+        by Serve at once instead of queueing without bound.
     api_token: when set, every public call must carry `authorization: Bearer <token>` (off locally).
     clients: TLS towards the services and the per-round draft deadline.
     metrics: the replica's Prometheus exporter (off by default; replica i on a node takes port + i)."""
@@ -65,6 +67,7 @@ class OrchestratorConfig:
     verify_timeout_s: float = 60.0
     draft_timeout_s: float = 5.0
     max_concurrent: int = 16
+    max_queued: int = 64
     api_token: str | None = None
     clients: ClientSettings = ClientSettings()
     metrics: MetricsSettings = MetricsSettings()
