@@ -65,8 +65,9 @@ def stack(llava_engine, llava_dir, redis, public_port):
     drafter = draft_server.serve(NgramDrafter(), SETTINGS, SessionSettings())
     encoder = encoder_server.serve(llava_dir, SETTINGS, CacheSettings(redis_url=redis.url))
     port = public_port
+    # 8 requests stepped at once (the verifier's 8 sessions) and 2 queued: the overload test goes beyond both.
     config = OrchestratorConfig(str(llava_dir), verifier.address, drafter.address, encoder.address,
-                                api_token=API_TOKEN)
+                                api_token=API_TOKEN, max_concurrent=8, max_queued=2)
     # Ray puts unix sockets under its temp dir: keep the path short (107-byte socket path limit).
     ray_dir = Path(tempfile.mkdtemp(prefix="ray", dir="/tmp"))
     ray_runtime.start(config, ray_runtime.RayServeSettings(port, free_port(), ray_dir))
@@ -205,6 +206,37 @@ def test_redis_down_does_not_fail_requests(stack, llava_engine, redis):
     assert list(reply.token_ids) == expected and reply.images.cache_hits == 0
 
 
+
+
+def test_overload_is_refused_quickly_with_resource_exhausted(stack, llava_engine, slow_rounds):
+    """14 long requests at once against 8 verifier sessions, 8 running and 2 queued in the replica:
+    the surplus is refused with RESOURCE_EXHAUSTED at once; every answered request is right."""
+    import threading
+
+    stub, verifier, drafter, _ = stack
+    outcomes = []
+
+    def call():
+        started = time.monotonic()
+        try:
+            reply = stub.Generate(request("Tell me a long story.", max_new=30), timeout=120)
+            outcomes.append(("OK", time.monotonic() - started, list(reply.token_ids)))
+        except grpc.RpcError as exc:
+            outcomes.append((exc.code().name, time.monotonic() - started, exc.details()))
+
+    threads = [threading.Thread(target=call) for _ in range(14)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    expected = hf_greedy(llava_engine.target, build_prompt(llava_engine, "Tell me a long story."), 30)
+    refused = [seconds for code, seconds, _ in outcomes if code == "RESOURCE_EXHAUSTED"]
+    answered = [tokens for code, _, tokens in outcomes if code == "OK"]
+    print(f"answered {len(answered)}, refused {len(refused)} within {max(refused, default=0):.2f} s")
+    assert {code for code, *_ in outcomes} <= {"OK", "RESOURCE_EXHAUSTED"}, outcomes
+    assert refused and max(refused) < 3.0, outcomes
+    assert len(answered) >= 8 and all(tokens == expected for tokens in answered)
+    assert_released(verifier, drafter)
 
 
 @pytest.mark.parametrize("token", [None, "wrong"])
