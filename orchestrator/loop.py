@@ -34,6 +34,9 @@ log = logging.getLogger("speculum.loop")
 
 RESUME_WITHIN_S = 30.0  # how long a request waits for a restarted verifier before failing
 MAX_DRAFT_RETRY_GAP = 32  # rounds between attempts to reopen a failed draft session, at most
+# Feature rows a request keeps to rebuild a feature drafter's session (a 4096-wide fp16 target:
+# 8 k positions); beyond it, a lost draft session leaves that request to the target alone.
+MAX_KEPT_FEATURE_BYTES = 64 * 2**20
 
 
 @dataclass(frozen=True)
@@ -58,16 +61,19 @@ class Transcript:
         self.tokens: list[int] = []
         self._hidden: list[torch.Tensor] = []  # [rows, D] each
         self._hidden_complete = True
+        self._hidden_bytes = 0
         self._last: VerifyResult | None = None
 
     def commit(self, result: VerifyResult) -> None:
         self.tokens.extend(result.tokens)
         self._last = result
-        if self.keep_hidden:
-            if result.hidden is None:
-                self._hidden_complete = False
+        if self.keep_hidden and self._hidden_complete:
+            if result.hidden is None or self._hidden_bytes + _nbytes(result.hidden) > MAX_KEPT_FEATURE_BYTES:
+                self._hidden_complete = False  # a lost draft session can no longer be rebuilt
+                self._hidden.clear()
             else:
                 self._hidden.append(result.hidden)
+                self._hidden_bytes += _nbytes(result.hidden)
 
     def prompt_through(self, include_pending: bool) -> PromptInputs:
         """The prompt followed by the committed tokens (with or without the pending one)."""
@@ -212,6 +218,10 @@ class GuardedDraft:
             _close_in_background(session)  # a stalled drafter may hold the session: never wait for it
         self._retry_round = self._round + self._retry_gap
         self._retry_gap = min(self._retry_gap * 2, MAX_DRAFT_RETRY_GAP)
+
+
+def _nbytes(tensor: torch.Tensor) -> int:
+    return tensor.numel() * tensor.element_size()
 
 
 def _close_in_background(session: DraftSession | VerifySession) -> None:

@@ -364,3 +364,23 @@ def test_a_draft_session_rebuilt_from_the_transcript_drafts_as_if_never_lost(lla
         kept.advance(result)
         rebuilt.advance(result)
     target.close()
+
+
+def test_feature_rows_kept_for_a_rebuild_are_bounded(monkeypatch):
+    """A request keeps the target's feature rows only up to MAX_KEPT_FEATURE_BYTES; beyond it the
+    draft session cannot be rebuilt (the request goes on with the target alone), memory stays bounded."""
+    import torch
+
+    from orchestrator import loop
+    from speculum.records import PromptInputs, VerifyResult
+    from speculum.rejection import NextTokenKind
+
+    monkeypatch.setattr(loop, "MAX_KEPT_FEATURE_BYTES", 10 * 8 * 4)  # 10 rows of D=8 fp32
+    transcript = loop.Transcript(PromptInputs((1, 2, 3)), keep_hidden=True)
+    transcript.commit(VerifyResult(0, (4,), NextTokenKind.BONUS, torch.zeros(3, 8)))
+    transcript.commit(VerifyResult(2, (5, 6, 7), NextTokenKind.BONUS, torch.zeros(3, 8)))
+    rebuilt = transcript.as_prefill()
+    assert rebuilt.tokens == (7,) and rebuilt.hidden.shape == (6, 8)  # prompt 3 + tokens 4, 5, 6
+    assert transcript.prompt_through(include_pending=False).token_ids == (1, 2, 3, 4, 5, 6)
+    transcript.commit(VerifyResult(4, (8, 9, 10, 11, 12), NextTokenKind.BONUS, torch.zeros(5, 8)))
+    assert transcript.as_prefill() is None
