@@ -1,16 +1,17 @@
 """Batched verification: concurrent sessions' blocks gathered for a short window, verified in one pass.
 
-The first caller to arrive while no batch is forming leads it: it waits up to `window_s` (less when
-the batch fills), takes every block queued meanwhile, runs them through the target together and
-hands each caller its own result. Followers just wait. There is no extra thread, and with one
-caller at a time a block is verified at once. One pass runs at a time (the device is the
-bottleneck); callers arriving during a pass queue for the next batch.
+The first caller to arrive while no batch is forming leads it: it waits up to `window_s` (less once
+every live session has queued a block, so a lone session never waits), takes every block queued
+meanwhile, runs them through the target together and hands each caller its own result. Followers
+just wait. There is no extra thread. One pass runs at a time (the device is the bottleneck);
+callers arriving during a pass queue for the next batch.
 """
 
 from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass
 
@@ -29,9 +30,11 @@ class _Waiting:
 class VerifyBatcher:
     """Verifies blocks for many threads, batching the ones that arrive together."""
 
-    def __init__(self, settings: BatchSettings, device: threading.Lock):
+    def __init__(self, settings: BatchSettings, device: threading.Lock, live_sessions: Callable[[], int] | None = None):
         self.settings = settings
         self._device = device  # shared with prefills: one model pass at a time
+        # No point waiting for more blocks than there are sessions that could send one.
+        self._live_sessions = live_sessions or (lambda: settings.max_batch)
         self._lock = threading.Condition()
         self._queue: list[_Waiting] = []
         self._leading = False
@@ -53,7 +56,7 @@ class VerifyBatcher:
     def _lead(self) -> None:
         deadline = time.monotonic() + self.settings.window_s
         with self._lock:
-            while len(self._queue) < self.settings.max_batch and (left := deadline - time.monotonic()) > 0:
+            while len(self._queue) < self._enough() and (left := deadline - time.monotonic()) > 0:
                 self._lock.wait(left)
         with self._device:
             with self._lock:
@@ -64,6 +67,9 @@ class VerifyBatcher:
             self._run(batch)
         if successor is not None:
             self._hand_over()
+
+    def _enough(self) -> int:
+        return max(1, min(self.settings.max_batch, self._live_sessions()))
 
     def _hand_over(self) -> None:
         """The queue filled during our pass: lead again on behalf of those callers."""

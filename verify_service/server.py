@@ -43,7 +43,7 @@ class VerifierServicer(verifier_pb2_grpc.VerifierServicer):
             sessions.ttl_s, sessions.max_sessions, evict_when_full=False, close=lambda s: s.target.close()
         )
         self._device = threading.Lock()
-        self.batcher = VerifyBatcher(batch, self._device) if batch.window_s > 0 else None
+        self.batcher = VerifyBatcher(batch, self._device, lambda: len(self.sessions)) if batch.window_s > 0 else None
 
     @mapped
     def Prefill(self, request, context):
