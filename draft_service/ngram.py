@@ -5,7 +5,7 @@ Proposes tokens without probabilities, so verification treats them as one-hot dr
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 from speculum.config import SamplingParams
@@ -34,8 +34,8 @@ class NgramSession:
     def prefill(self, prompt: PromptInputs, first: VerifyResult) -> None:
         self.history = [*prompt.token_ids, *first.tokens]
 
-    def propose(self, max_tokens: int) -> Iterator[DraftBlock]:
-        yield DraftBlock(tuple(lookup(self.history, max_tokens, self.config)))
+    def propose(self, max_tokens: int, assume: Sequence[int] = ()) -> Iterator[DraftBlock]:
+        yield DraftBlock(tuple(lookup([*self.history, *assume], max_tokens, self.config)))
 
     def advance(self, result: VerifyResult) -> None:
         self.history.extend(result.tokens)

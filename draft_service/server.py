@@ -57,7 +57,7 @@ class DrafterServicer(drafter_pb2_grpc.DrafterServicer):
         with self.sessions.use(request.session_id) as session:
             if request.HasField("advance"):
                 session.advance(convert.result_from_proto(request.advance))
-            pieces = session.propose(request.max_tokens)
+            pieces = session.propose(request.max_tokens, tuple(request.assume))
             # One span per round rather than per piece: the loop's last `next` only finds the end.
             with tracer().start_as_current_span("speculum.drafter.propose") as span:
                 drafted = 0

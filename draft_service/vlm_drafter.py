@@ -6,7 +6,7 @@ sampled with the request's transforms, returning its distributions for speculati
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 
 import torch
 
@@ -42,8 +42,8 @@ class VlmDraftSession:
         self.cached = list(prompt_ids)
         self.committed = [*prompt_ids, *first.tokens]
 
-    def propose(self, max_tokens: int) -> Iterator[DraftBlock]:
-        feed = self.committed[len(self.cached) :]
+    def propose(self, max_tokens: int, assume: Sequence[int] = ()) -> Iterator[DraftBlock]:
+        feed = [*self.committed[len(self.cached) :], *assume]
         for _ in range(max_tokens):
             logits = self.model.forward(self.cache, feed, logits_for_last=1).logits[-1]  # [V]
             self.cached.extend(feed)
@@ -56,7 +56,7 @@ class VlmDraftSession:
             feed = [token]
 
     def advance(self, result: VerifyResult) -> None:
-        # Invariant: `cached` is a prefix of `committed` followed by this round's drafts.
+        # Invariant: `cached` is a prefix of `committed` followed by this round's assumed and drafted tokens.
         valid = min(len(self.cached), len(self.committed))
         self.committed.extend(result.tokens)
         while valid < len(self.cached) and self.cached[valid] == self.committed[valid]:

@@ -8,7 +8,7 @@ at `advance` and run lazily by the next `propose`, in the same forward as the fi
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 
 import torch
 
@@ -58,11 +58,11 @@ class FeatureDraftSession:
         self._unfed = context.inputs
 
     @torch.inference_mode()
-    def propose(self, max_tokens: int) -> Iterator[DraftBlock]:
+    def propose(self, max_tokens: int, assume: Sequence[int] = ()) -> Iterator[DraftBlock]:
+        features = self._assume(self.sync(), assume)
         if self.tree_shape is not None and max_tokens > 0:
-            yield self._propose_tree(max_tokens)
+            yield self._propose_tree(features, max_tokens)
             return
-        features = self.sync()
         produced = 0
         while produced < max_tokens:
             width = min(len(features), max_tokens - produced)
@@ -74,6 +74,15 @@ class FeatureDraftSession:
             # The drafted tokens with the features they were predicted from are the next rows.
             rows = self.model.fuse(self.model.embed(torch.tensor(block.tokens)), features[:width])
             features = self.model(rows[None], self.cache)[0, -1]
+
+    def _assume(self, features: torch.Tensor, assume: Sequence[int]) -> torch.Tensor:
+        """Feed tokens taken as accepted (with the drafter's own features, like drafted ones), up to k
+        per forward. features: [k, D] after the last row -> [k, D] after the last assumed token."""
+        for start in range(0, len(assume), len(features)):
+            tokens = torch.tensor(list(assume[start : start + len(features)]))
+            rows = self.model.fuse(self.model.embed(tokens), features[: len(tokens)])
+            features = self.model(rows[None], self.cache)[0, -1]
+        return features
 
     @torch.inference_mode()
     def advance(self, result: VerifyResult) -> None:
@@ -99,9 +108,9 @@ class FeatureDraftSession:
     def close(self) -> None:
         self.cache = None
 
-    def _propose_tree(self, depth: int) -> DraftBlock:
-        """A dynamic tree of `depth` levels (see tree_drafting for what each level costs)."""
-        features = TreeFeatures(self.model, self.cache, self.sync())
+    def _propose_tree(self, after: torch.Tensor, depth: int) -> DraftBlock:
+        """A dynamic tree of `depth` levels after the features `after` [k, D] (see tree_drafting)."""
+        features = TreeFeatures(self.model, self.cache, after)
         return grow_tree(features.root_logits(), features.children_logits, self.tree_shape, depth, self.sampling,
                          self._generator)
 
