@@ -145,8 +145,8 @@ class GrpcDraftSession:
                 raise self._fault(exc) from exc
         self._breaker.succeeded()
 
-    def propose(self, max_tokens: int) -> Iterator[DraftBlock]:
-        request = drafter_pb2.DraftRequest(session_id=self.session_id, max_tokens=max_tokens)
+    def propose(self, max_tokens: int, assume: Sequence[int] = ()) -> Iterator[DraftBlock]:
+        request = drafter_pb2.DraftRequest(session_id=self.session_id, max_tokens=max_tokens, assume=assume)
         if self._unsent is not None:
             request.advance.CopyFrom(convert.result_to_proto(self._unsent, with_hidden=self._unsent.hidden is not None))
         self._unsent = None

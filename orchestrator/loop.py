@@ -23,6 +23,7 @@ from dataclasses import dataclass
 
 import torch
 
+from orchestrator.lookahead import Lookahead
 from orchestrator.protocols import DraftSession, Drafter, Verifier, VerifySession
 from orchestrator.stopping import FinishReason, StopChecker
 from speculum.config import SamplingParams, SpeculationParams
@@ -175,6 +176,16 @@ class GuardedDraft:
             self._give_up("propose", exc)
             return DraftBlock(())
 
+    def propose_ahead(self, max_tokens: int, assume: tuple[int, ...]) -> DraftBlock:
+        """Draft after `assume` (tokens being verified) while the session is healthy (pipelined mode)."""
+        if self._session is None:
+            return DraftBlock(())
+        try:
+            return join_pieces(list(self._session.propose(max_tokens, assume)))
+        except Exception as exc:
+            self._give_up("propose ahead", exc)
+            return DraftBlock(())
+
     def advance(self, result: VerifyResult) -> None:
         if self._session is None:
             return
@@ -259,6 +270,7 @@ def speculate(
     transcript = Transcript(prompt, keep_hidden=features)
     target = ResumableTarget(verifier, sampling, features, transcript, resume_within_s)
     draft = GuardedDraft(drafter, sampling, transcript)
+    lookahead = Lookahead(draft, enabled=speculation.pipelined)
     try:
         first = target.prefill(prompt)
         transcript.commit(first)
@@ -274,9 +286,11 @@ def speculate(
             yield Chunk(pending)
             # propose: never draft past what may still be emitted (the bonus token always is)
             room = sampling.max_new_tokens - len(generated) - 1
-            block = draft.propose(min(speculation.num_draft_tokens, room))
-            # verify
+            block = lookahead.take(room) or draft.propose(min(speculation.num_draft_tokens, room))
+            # verify (pipelined: the drafter drafts the next block meanwhile)
+            lookahead.start(block, min(speculation.num_draft_tokens, room - len(block.tokens) - 1))
             result = target.verify(block)
+            lookahead.settle(block, result)
             # accept
             decision = stop.offer(generated, result.tokens)
             pending = result.tokens[: decision.keep]
@@ -290,8 +304,10 @@ def speculate(
             if finish is None:
                 transcript.commit(result)
                 draft.advance(result)
+        stats.drafted_ahead = lookahead.hits
         stats.decode_s = time.perf_counter() - first_token_at
         yield Chunk(pending, finish, stats)
     finally:
+        lookahead.close()
         target.close()
         draft.close()

@@ -31,9 +31,10 @@ class DraftSession(Protocol):
     def prefill(self, prompt: PromptInputs, first: VerifyResult) -> None:
         """Take in the prompt and the target's prefill result (first token, prompt features)."""
 
-    def propose(self, max_tokens: int) -> Iterator[DraftBlock]:
+    def propose(self, max_tokens: int, assume: Sequence[int] = ()) -> Iterator[DraftBlock]:
         """At most `max_tokens` candidates continuing after the last committed token, in pieces
-        as they are produced (an autoregressive drafter yields one token at a time)."""
+        as they are produced (an autoregressive drafter yields one token at a time). `assume`:
+        tokens still under verification, taken as accepted; the candidates continue after them."""
 
     def advance(self, result: VerifyResult) -> None:
         """Commit the verifier's result: keep what was accepted, drop the rest."""

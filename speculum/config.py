@@ -69,10 +69,13 @@ class SpeculationParams:
 
     enabled: False decodes with the target alone (one target forward per token).
     num_draft_tokens: draft block length K per round (the verifier checks K + 1 positions).
+    pipelined: draft the next block while the current one is verified (orchestrator.lookahead);
+        the output is the same either way.
     """
 
     enabled: bool = True
     num_draft_tokens: int = 4
+    pipelined: bool = False
 
     def __post_init__(self) -> None:
         if not 1 <= self.num_draft_tokens <= MAX_DRAFT_TOKENS:

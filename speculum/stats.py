@@ -15,6 +15,7 @@ class SpecStats:
     emitted_tokens: tokens emitted by verification passes (accepted + bonus/recovered), after
         stop conditions trimmed the last block. The prefill's first token is not among them.
     ttft_s: request start -> first token. decode_s: first token -> last token.
+    drafted_ahead: rounds whose block was drafted while the previous one was verified (pipelined).
     """
 
     target_forwards: int = 0
@@ -23,6 +24,7 @@ class SpecStats:
     emitted_tokens: int = 0
     ttft_s: float = 0.0
     decode_s: float = 0.0
+    drafted_ahead: int = 0
 
     @property
     def mean_accepted_length(self) -> float:

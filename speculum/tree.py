@@ -90,3 +90,20 @@ def path_to(parents: Sequence[int], node: int) -> list[int]:
         path.append(node)
         node = parents[node]
     return path[::-1]
+
+
+def subtree_under(tokens: Sequence[int], parents: Sequence[int], token: int) -> tuple[list[int], list[int]] | None:
+    """The part of a tree below the root's child holding `token`, re-rooted: (node indices, their
+    new parents), or None when no root child holds it. Nodes keep their order (parents first)."""
+    kids = children(parents)[0]
+    top = next((node for node in kids if tokens[node] == token), None)
+    if top is None:
+        return None
+    kept: dict[int, int] = {}  # old index -> new index
+    new_parents: list[int] = []
+    for node in range(top + 1, len(tokens)):
+        parent = parents[node]
+        if parent == top or parent in kept:
+            kept[node] = len(new_parents)
+            new_parents.append(-1 if parent == top else kept[parent])
+    return list(kept), new_parents

@@ -90,8 +90,9 @@ class ScriptedDraftSession:
     def prefill(self, prompt: PromptInputs, first: VerifyResult) -> None:
         self.emitted = len(first.tokens)
 
-    def propose(self, max_tokens: int) -> Iterator[DraftBlock]:
-        tokens = self.continuation[self.emitted : self.emitted + max_tokens]
+    def propose(self, max_tokens: int, assume: Sequence[int] = ()) -> Iterator[DraftBlock]:
+        start = self.emitted + len(assume)  # it knows the continuation, so `assume` is only a count
+        tokens = self.continuation[start : start + max_tokens]
         if self.wrong_at is not None and self.wrong_at < len(tokens):
             tokens[self.wrong_at] = (tokens[self.wrong_at] + 1) % self.vocab_size
         yield DraftBlock(tuple(tokens))

@@ -60,13 +60,13 @@ def exact_marginals(target):
     return marginals
 
 
-def sample_counts(target, drafter, seed_base: int) -> torch.Tensor:
+def sample_counts(target, drafter, seed_base: int, speculation: SpeculationParams | None = None) -> torch.Tensor:
     counts = torch.zeros(NEW_TOKENS, VOCAB)
     verifier = InProcessVerifier(target)
     for i in range(SAMPLES):
         sampling = SamplingParams(**{**SAMPLING.__dict__, "seed": seed_base + i})
         stop = StopChecker(NEW_TOKENS, frozenset())
-        chunks = speculate(PROMPT, sampling, SpeculationParams(num_draft_tokens=2), verifier, drafter, stop)
+        chunks = speculate(PROMPT, sampling, speculation or SpeculationParams(num_draft_tokens=2), verifier, drafter, stop)
         tokens = [t for chunk in chunks for t in chunk.token_ids]
         for position, token in enumerate(tokens):
             counts[position, token] += 1

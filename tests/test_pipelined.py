@@ -1,0 +1,125 @@
+"""Pipelined speculation: drafting the next block during verification changes speed, never output.
+
+Greedy output equals the target alone for every drafter kind (chains and trees, image and text
+prompts); with a drafter that always guesses right nearly every block is drafted ahead; sampling
+keeps the target's distribution (exact marginals); the look-ahead's kept part is chosen by the
+settled tokens only; and the mode works through the real gRPC services.
+"""
+
+from __future__ import annotations
+
+import grpc
+import pytest
+
+from conftest import ScriptedDrafter, build_prompt, hf_greedy, png_bytes
+from draft_service.ngram import NgramDrafter
+from draft_service.vlm_drafter import VlmDrafter
+from orchestrator.lookahead import _after_guess, _cut
+from orchestrator.loop import speculate
+from orchestrator.stopping import StopChecker
+from speculum.config import SamplingParams, SpeculationParams
+from speculum.records import DraftBlock
+from speculum.tree import TreeShape
+import test_sampling_lossless
+from test_sampling_lossless import exact_marginals, matches, sample_counts, target  # noqa: F401 (fixtures)
+
+MAX_NEW = 24
+PIPELINED = SpeculationParams(num_draft_tokens=3, pipelined=True)
+
+
+def run(engine, prompt, drafter, speculation=PIPELINED, sampling=None):
+    sampling = sampling or SamplingParams(max_new_tokens=MAX_NEW)
+    chunks = list(speculate(prompt, sampling, speculation, engine.verifier, drafter,
+                            StopChecker(sampling.max_new_tokens, frozenset())))
+    return [t for c in chunks for t in c.token_ids], chunks[-1].stats
+
+
+def feature_drafter(llava_dir, engine, tree_shape=None):
+    from draft_service.feature.checkpoint import new_model
+    from draft_service.feature.drafter import FeatureDrafter
+    from draft_service.feature.target_parts import load_target_parts, target_ref
+
+    model = new_model(target_ref(llava_dir), load_target_parts(llava_dir), seed=1, num_heads=4, num_kv_heads=2,
+                      intermediate_size=128, semi_ar_k=2, semi_ar_hidden=64)
+    return FeatureDrafter(model, engine.target.facts, tree_shape)
+
+
+@pytest.mark.parametrize("kind", ["ngram", "small-vlm", "feature", "feature-tree", "oracle"])
+@pytest.mark.parametrize("with_image", [True, False])
+def test_pipelined_greedy_equals_the_target(llava_dir, llava_engine, small_llava_drafter_model, kind, with_image):
+    prompt = build_prompt(llava_engine, "Describe the image in detail.", [png_bytes(4)] if with_image else [])
+    reference = hf_greedy(llava_engine.target, prompt, MAX_NEW)
+    drafter = {
+        "ngram": lambda: NgramDrafter(),
+        "small-vlm": lambda: VlmDrafter(small_llava_drafter_model),
+        "feature": lambda: feature_drafter(llava_dir, llava_engine),
+        "feature-tree": lambda: feature_drafter(llava_dir, llava_engine, TreeShape(width=2, nodes=6)),
+        "oracle": lambda: ScriptedDrafter(reference, None, llava_engine.target.vocab_size),
+    }[kind]()
+    tokens, stats = run(llava_engine, prompt, drafter)
+    assert tokens == reference
+    if kind == "oracle":  # every guess right: all blocks after the first were drafted ahead
+        assert stats.drafted_ahead == stats.target_forwards - 1 and stats.target_forwards < MAX_NEW / 3
+
+
+def test_a_wrong_guess_drops_the_look_ahead(llava_engine):
+    prompt = build_prompt(llava_engine, "Hi")
+    reference = hf_greedy(llava_engine.target, prompt, MAX_NEW)
+    tokens, stats = run(llava_engine, prompt, ScriptedDrafter(reference, 1, llava_engine.target.vocab_size))
+    assert tokens == reference and stats.drafted_ahead == 0  # every block is rejected at its second token
+
+
+def test_the_kept_look_ahead_is_the_subtree_of_the_settled_token():
+    chain = DraftBlock((5, 6, 7))
+    assert _after_guess(chain, 5).tokens == (6, 7) and _after_guess(chain, 4) is None
+    #        root: 5 (0) and 9 (1); 5 -> 6 (2); 9 -> 3 (3), 4 (4); 3 -> 8 (5)
+    tree_block = DraftBlock((5, 9, 6, 3, 4, 8), parents=(-1, -1, 0, 1, 1, 3))
+    kept = _after_guess(tree_block, 9)
+    assert kept.tokens == (3, 4, 8) and kept.parents == (-1, -1, 0)
+    assert _after_guess(tree_block, 5).tokens == (6,) and _after_guess(tree_block, 5).parents is None
+    cut = _cut(DraftBlock((3, 4, 8), parents=(-1, -1, 0)), 1)
+    assert cut.tokens == (3, 4) and cut.parents == (-1, -1)
+
+
+@pytest.mark.parametrize("drafter_kind", ["small-lm", "feature"])
+def test_pipelined_sampling_keeps_the_target_distribution(target, exact_marginals, monkeypatch, drafter_kind):  # noqa: F811
+    from draft_service.feature.checkpoint import new_model
+    from draft_service.feature.drafter import FeatureDrafter
+    from draft_service.feature.target_parts import model_ref, parts_from_model
+    import torch
+
+    if drafter_kind == "small-lm":
+        drafter = VlmDrafter(test_sampling_lossless.tiny_lm(seed=12))
+    else:
+        model = new_model(model_ref(target.model), parts_from_model(target.model), seed=4, num_heads=2,
+                          num_kv_heads=1, intermediate_size=64, semi_ar_k=2, semi_ar_hidden=32)
+        with torch.no_grad():
+            model.fc.weight.mul_(20)  # sharpen the random drafter, so that look-aheads are both kept and dropped
+        drafter = FeatureDrafter(model, target.facts)
+    monkeypatch.setattr(test_sampling_lossless, "SAMPLES", 800)
+    counts = sample_counts(target, drafter, seed_base=60_000, speculation=SpeculationParams(num_draft_tokens=1,
+                                                                                             pipelined=True))
+    for position in range(exact_marginals.shape[0]):
+        assert matches(counts[position], exact_marginals[position]), position
+
+
+def test_pipelined_through_the_services(llava_engine, small_llava_drafter_model):
+    from draft_service import server as draft_server
+    from orchestrator.clients import GrpcDrafter, GrpcVerifier
+    from speculum.rpc.settings import ServerSettings, SessionSettings
+    from verify_service import server as verify_server
+
+    settings, sessions = ServerSettings(port=0, max_workers=4), SessionSettings(ttl_s=60, max_sessions=4)
+    verifier = verify_server.serve(llava_engine.target, settings, sessions)
+    drafter = draft_server.serve(VlmDrafter(small_llava_drafter_model), settings, sessions)
+    try:
+        prompt = build_prompt(llava_engine, "Describe the image in detail.", [png_bytes(5)])
+        remote = (GrpcVerifier(grpc.insecure_channel(verifier.address)),
+                  GrpcDrafter(grpc.insecure_channel(drafter.address)))
+        chunks = list(speculate(prompt, SamplingParams(max_new_tokens=MAX_NEW), PIPELINED, *remote,
+                                StopChecker(MAX_NEW, frozenset())))
+        assert [t for c in chunks for t in c.token_ids] == hf_greedy(llava_engine.target, prompt, MAX_NEW)
+        assert len(verifier.servicer.sessions) == 0 and len(drafter.servicer.sessions) == 0
+    finally:
+        verifier.stop()
+        drafter.stop()
