@@ -123,8 +123,9 @@ class ResumableTarget:
         _close_in_background(self._session)
         deadline = time.monotonic() + self._resume_within_s
         pause = 0.1
+        sampling = fresh_seed(self._sampling, self.resumed + 1)
         while True:
-            self._session = self._verifier.open(self._sampling, return_features=self._return_features)
+            self._session = self._verifier.open(sampling, return_features=self._return_features)
             try:
                 first = self._session.prefill(self._transcript.prompt_through(include_pending=True))
                 break
@@ -162,7 +163,7 @@ class GuardedDraft:
 
     def prefill(self, prompt: PromptInputs, first: VerifyResult) -> None:
         if self._drafter is not None:
-            self._open(prompt, first, "prefill")
+            self._open(prompt, first, self._sampling, "prefill")
 
     def propose(self, max_tokens: int) -> DraftBlock:
         self._round += 1
@@ -202,9 +203,9 @@ class GuardedDraft:
             except Exception:
                 log.warning("closing the draft session failed", exc_info=True)
 
-    def _open(self, prompt: PromptInputs, first: VerifyResult, phase: str) -> bool:
+    def _open(self, prompt: PromptInputs, first: VerifyResult, sampling: SamplingParams, phase: str) -> bool:
         try:
-            self._session = self._drafter.open(self._sampling)
+            self._session = self._drafter.open(sampling)
             self._session.prefill(prompt, first)
         except Exception as exc:  # a drafter fault must never fail the request
             self._give_up(phase, exc)
@@ -217,7 +218,8 @@ class GuardedDraft:
         if first is None:  # a feature drafter without the target's features: no way back
             self._retry_round = 2**62
             return
-        if self._open(self._transcript.prompt_through(include_pending=False), first, "re-prefill"):
+        sampling = fresh_seed(self._sampling, self.reopened + 1)
+        if self._open(self._transcript.prompt_through(include_pending=False), first, sampling, "re-prefill"):
             self.reopened += 1
             log.info("drafter back: re-prefilled a draft session at %d tokens", len(self._transcript.tokens))
 
@@ -229,6 +231,12 @@ class GuardedDraft:
             _close_in_background(session)  # a stalled drafter may hold the session: never wait for it
         self._retry_round = self._round + self._retry_gap
         self._retry_gap = min(self._retry_gap * 2, MAX_DRAFT_RETRY_GAP)
+
+
+def fresh_seed(sampling: SamplingParams, generation: int) -> SamplingParams:
+    """The request's sampling with a seed derived for its `generation`-th rebuilt session: a new
+    session must not replay random numbers the request already used (its samples stay exact)."""
+    return dataclasses.replace(sampling, seed=(sampling.seed * 1_000_003 + generation) % 2**63)
 
 
 def _nbytes(tensor: torch.Tensor) -> int:

@@ -117,6 +117,10 @@ class SpeculumApp:
     async def GenerateStream(self, request: speculum_pb2.GenerateRequest, grpc_context=None):
         async for response, _ in self._metered("GenerateStream", request, grpc_context):
             yield response
+        # Ray Serve 2.60 applies a stream's context only along with a message: a status set after
+        # the last message (or with none) would reach the client as OK. Raising carries it.
+        if grpc_context is not None and grpc_context.code() not in (None, grpc.StatusCode.OK):
+            raise StreamFailed(grpc_context.details())
 
     async def _metered(self, method: str, message, grpc_context) -> AsyncIterator[tuple[speculum_pb2.GenerateResponse, str]]:
         """`_responses`, counted and timed under the call's final status code."""
@@ -205,6 +209,10 @@ class SpeculumApp:
             raise exc
         grpc_context.set_code(code_for(exc))
         grpc_context.set_details(str(exc))
+
+
+class StreamFailed(Exception):
+    """Carries the status already set on a stream's gRPC context through Serve's proxy."""
 
 
 def authorize(api_token: str | None, grpc_context) -> None:

@@ -117,10 +117,15 @@ def test_unary_and_streaming_equal_the_target(stack, llava_engine, with_image):
         (request("hi", images=[b"not an image"]), "images[0]"),
     ],
 )
-def test_bad_input_is_invalid_argument(stack, bad, field):
+@pytest.mark.parametrize("streaming", [False, True])
+def test_bad_input_is_invalid_argument(stack, bad, field, streaming):
+    """Streams too: Serve's proxy would report a stream without messages as OK unless the app raises."""
     stub, *_ = stack
     with pytest.raises(grpc.RpcError) as caught:
-        stub.Generate(bad, timeout=60)
+        if streaming:
+            list(stub.GenerateStream(bad, timeout=60))
+        else:
+            stub.Generate(bad, timeout=60)
     assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert field in caught.value.details()
 
