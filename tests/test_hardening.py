@@ -98,11 +98,11 @@ def stalled_rounds(monkeypatch):
     calls = []
     original = NgramSession.propose
 
-    def propose(self, max_tokens):
+    def propose(self, max_tokens, *args, **kwargs):
         calls.append(time.monotonic())
         if len(calls) <= stalls[0]:
             time.sleep(stalls[1])
-        yield from original(self, max_tokens)
+        yield from original(self, max_tokens, *args, **kwargs)
 
     monkeypatch.setattr(NgramSession, "propose", propose)
     return stalls
