@@ -11,9 +11,9 @@ fails with UNAVAILABLE or RESOURCE_EXHAUSTED is retried after 0.5 s, as a client
 to 60 s; a request never answered is lost.
 
 Report: requests, answers, wrong and lost answers, every status seen (per fault window),
-p50/p99 latency of answered greedy requests, mean accepted length per window, and the RSS of
-each service process at the start and at the end (processes restarted by a fault: right after
-their restart and at the end).
+p50/p99 latency of answered greedy requests, mean accepted length per window, the RSS of each
+service process at the start and at the end (processes restarted by a fault: right after their
+restart and at the end), and the sessions the verifier and drafter still hold once the load stops.
 """
 
 from __future__ import annotations
@@ -27,6 +27,7 @@ import statistics
 import sys
 import threading
 import time
+import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -150,6 +151,8 @@ class Client:
 
     def _stream(self, request: GenerateRequest):
         messages = list(self.stub.GenerateStream(request_to_proto(request), timeout=120))
+        if not messages:
+            raise AssertionError("a stream ended OK without any message")
         return [t for m in messages for t in m.token_ids], messages[-1].speculation.mean_accepted_length
 
     def _text(self) -> None:
@@ -330,6 +333,31 @@ def report(record: Record, before: dict, after: dict, restarted: dict, args, ela
     return "\n".join(lines)
 
 
+def sessions_live(stack: LocalStack, within_s: float = 30.0) -> dict[str, float]:
+    """`speculum_sessions_live` of the verifier and the drafter once the load has stopped (waiting
+    up to `within_s` for the last released sessions), read from their Prometheus endpoints."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    def read() -> dict[str, float]:
+        live = {}
+        for name in ("verify", "draft"):
+            port = stack.metrics_ports.get(name)
+            if port is None:
+                continue
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as reply:
+                text = reply.read().decode()
+            live[name] = sum(sample.value for family in text_string_to_metric_families(text)
+                             if family.name == "speculum_sessions_live" for sample in family.samples)
+        return live
+
+    deadline = time.monotonic() + within_s
+    live = read()
+    while any(live.values()) and time.monotonic() < deadline:
+        time.sleep(1.0)
+        live = read()
+    return live
+
+
 def growth_mb(name: str, rss: int, before: dict, restarted: dict) -> float:
     """RSS growth since the start, or since its restart for a process a fault restarted."""
     baseline = restarted[name] if name in restarted else before.get(name, (rss, 0))[0]
@@ -349,7 +377,6 @@ def main(argv: list[str] | None = None) -> int:
                         else "ngram")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s", stream=sys.stderr)
-    os.environ.setdefault("SPECULUM_METRICS_PORT", "off")  # one fixed exporter port cannot serve 3 processes here
     images = [path.read_bytes() for path in sorted((models_dir() / "demo" / "samples").glob("*.png"))[:3]]
     answers = references(args.target, images)
     duration_s = args.minutes * 60
@@ -368,8 +395,10 @@ def main(argv: list[str] | None = None) -> int:
             thread.join()
         elapsed = time.monotonic() - record.started
         after = memory(stack)
+        live = sessions_live(stack)
     print(report(record, before, after, restarted, args, elapsed), flush=True)
-    return 1 if record.wrong or record.lost or not memory_flat(before, after, restarted) else 0
+    print("sessions left after the load: " + (", ".join(f"{name} {count:.0f}" for name, count in live.items()) or "-"))
+    return 1 if record.wrong or record.lost or not memory_flat(before, after, restarted) or any(live.values()) else 0
 
 
 if __name__ == "__main__":
