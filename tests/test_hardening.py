@@ -131,19 +131,19 @@ def test_breaker_pauses_double_and_reset():
 
 def test_stalled_drafter_costs_a_round_deadline_not_the_request(llava_engine, verifier_server, drafter_server,
                                                                   stalled_rounds):
-    stalled_rounds[:] = [10**9, 3.0]  # every round hangs for 3 s
+    stalled_rounds[:] = [10**9, 4.0]  # every round hangs for 4 s
     prompt = build_prompt(llava_engine, "Describe the image.", [png_bytes(3)])
     drafter = drafter_client(drafter_server.address)
     started = time.monotonic()
     tokens, stats = collect(stream(prompt, verifier_client(verifier_server), drafter, 32))
     elapsed = time.monotonic() - started
     assert tokens == hf_greedy(llava_engine.target, prompt, 32)
-    assert elapsed < 2.5, elapsed  # one 3 s stall alone would exceed it
+    assert elapsed < 3.5, elapsed  # one 4 s stall alone would exceed it
     assert stats.draft_tokens == 0 and drafter.breaker.opened >= 1
 
     # The drafter answers again: once its pause is over, the next request speculates.
     stalled_rounds[0] = 0
-    time.sleep(QUICK_BREAKER.max_pause_s + 3.0)  # the hung calls end, the pause passes
+    time.sleep(QUICK_BREAKER.max_pause_s + 4.0)  # the hung calls end, the pause passes
     tokens, stats = collect(stream(prompt, verifier_client(verifier_server), drafter, 32))
     assert tokens == hf_greedy(llava_engine.target, prompt, 32)
     assert stats.draft_tokens > 0
