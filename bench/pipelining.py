@@ -1,0 +1,82 @@
+"""Pipelined vs sequential speculation through the services, and both vs the target alone (issue 8).
+
+One `speculum serve` stack (verifier pinned to core 0, drafter to core 1); each request runs in
+three modes in a rotating order through the public gRPC API: target alone (speculation off),
+sequential speculation, pipelined speculation. Greedy, image prompts from the shipped samples.
+Reports median tokens/s per mode, the pipelined/sequential ratio (target >= 1.3x) and the speedup
+over the target alone (the user's view, target >= 3x), and checks all modes returned the same tokens.
+Usage: python -m bench.pipelining [--requests 6] [--max-new-tokens 128] [--draft-length 4]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from pathlib import Path
+
+import grpc
+
+from orchestrator.engine import GenerateRequest
+from orchestrator.public_api import request_to_proto
+from speculum.config import SamplingParams, SpeculationParams
+from speculum.launcher import LocalStack, StackConfig
+from speculum.paths import demo_drafter_dir, demo_target_dir
+from speculum.ports import free_port
+from speculum.v1 import speculum_pb2_grpc
+
+PROMPT = "Describe the image in detail."
+
+
+def modes(draft_length: int) -> dict[str, SpeculationParams]:
+    return {
+        "target alone": SpeculationParams(enabled=False),
+        "sequential": SpeculationParams(num_draft_tokens=draft_length),
+        "pipelined": SpeculationParams(num_draft_tokens=draft_length, pipelined=True),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--requests", type=int, default=6)
+    parser.add_argument("--max-new-tokens", type=int, default=128)
+    parser.add_argument("--draft-length", type=int, default=4)
+    parser.add_argument("--drafter", default=str(demo_drafter_dir()))
+    parser.add_argument("--out", type=Path, default=Path("runs/bench/pipelining.json"))
+    args = parser.parse_args()
+    samples = sorted((demo_target_dir().parent / "samples").glob("*.png"))
+    speculations = modes(args.draft_length)
+    rates = {name: [] for name in speculations}
+    same = True
+    with LocalStack(StackConfig(demo_target_dir(), args.drafter, port=free_port())) as stack:
+        stub = speculum_pb2_grpc.SpeculumStub(grpc.insecure_channel(stack.address))
+        sampling = SamplingParams(max_new_tokens=args.max_new_tokens)
+        for i in range(args.requests + 1):  # the first round warms every mode up and is not counted
+            image = samples[i % len(samples)].read_bytes()
+            names = list(speculations)
+            order = names[i % len(names):] + names[: i % len(names)]
+            answers = set()
+            for name in order:
+                request = request_to_proto(GenerateRequest(PROMPT, [image], sampling, speculations[name]))
+                started = time.perf_counter()
+                response = stub.Generate(request, timeout=600)
+                seconds = time.perf_counter() - started
+                answers.add(tuple(response.token_ids))
+                if i:
+                    rates[name].append(len(response.token_ids) / seconds)
+            same = same and len(answers) == 1
+    medians = {name: statistics.median(values) for name, values in rates.items()}
+    pipelined_ratio = medians["pipelined"] / medians["sequential"]
+    print(f"through the services, greedy, {args.requests} image prompts, max {args.max_new_tokens} new tokens, "
+          f"K = {args.draft_length}, drafter {Path(args.drafter).name}; median tokens/s (whole request)")
+    for name, value in medians.items():
+        print(f"{name:<14} {value:8.1f} tok/s  {value / medians['target alone']:5.2f}x over the target alone")
+    print(f"pipelined / sequential: {pipelined_ratio:.2f}x (target >= 1.3x); identical answers: {same}")
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps({"settings": vars(args) | {"out": str(args.out)}, "median_tokens_per_s": medians,
+                                    "pipelined_over_sequential": pipelined_ratio, "identical_answers": same}, indent=2))
+
+
+if __name__ == "__main__":
+    main()
