@@ -384,3 +384,43 @@ def test_feature_rows_kept_for_a_rebuild_are_bounded(monkeypatch):
     assert transcript.prompt_through(include_pending=False).token_ids == (1, 2, 3, 4, 5, 6)
     transcript.commit(VerifyResult(4, (8, 9, 10, 11, 12), NextTokenKind.BONUS, torch.zeros(5, 8)))
     assert transcript.as_prefill() is None
+
+
+def test_idle_sessions_expire_and_are_closed():
+    from speculum.errors import SessionNotFound
+    from speculum.sessions import SessionStore
+
+    now, closed = [0.0], []
+    store = SessionStore(ttl_s=10, max_sessions=4, evict_when_full=False, close=closed.append, clock=lambda: now[0])
+    store.open("a", "state-a")
+    store.open("b", "state-b")
+    now[0] = 5.0
+    with store.use("b"):  # b is used, a is not
+        pass
+    now[0] = 12.0
+    with pytest.raises(SessionNotFound):
+        with store.use("a"):
+            pass
+    assert store.expire() == 1 and closed == ["state-a"] and len(store) == 1
+    assert store.counters.expired == 1
+
+
+def test_a_request_whose_verifier_session_expired_resumes(llava_engine):
+    """A request that idles past the verifier's session TTL (a stalled client) is not lost: its
+    next round gets NOT_FOUND and the loop re-prefills a new session; the old one is closed."""
+    running = verify_server.serve(llava_engine.target, SETTINGS, SessionSettings(ttl_s=0.3, max_sessions=4))
+    try:
+        prompt = build_prompt(llava_engine, "Count to ten.")
+        chunks = stream(prompt, verifier_client(running), None, 24)
+        tokens = [t for _ in range(3) for t in next(chunks).token_ids]
+        time.sleep(0.6)
+        rest, _ = collect(chunks)
+        assert tokens + rest == hf_greedy(llava_engine.target, prompt, 24)
+        counters = running.servicer.sessions.counters
+        assert counters.opened == 2  # the expired session and the re-prefilled one
+        deadline = time.monotonic() + 5  # the expired one is released in the background (or expired)
+        while counters.released + counters.expired < 2 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert counters.released + counters.expired == 2 and len(running.servicer.sessions) == 0
+    finally:
+        running.stop()
