@@ -7,7 +7,7 @@ metrics (observability at the edge) and the same loop runs unmetered in-process.
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 
 from orchestrator.protocols import DraftSession, Drafter, Verifier, VerifySession
 from speculum.config import SamplingParams
@@ -52,11 +52,11 @@ class MeteredDraftSession:
     def prefill(self, prompt: PromptInputs, first: VerifyResult) -> None:
         self._inner.prefill(prompt, first)
 
-    def propose(self, max_tokens: int) -> Iterator[DraftBlock]:
+    def propose(self, max_tokens: int, assume: Sequence[int] = ()) -> Iterator[DraftBlock]:
         """The round lasts from the call until its last piece (failed rounds count too)."""
         started = time.perf_counter()
         try:
-            yield from self._inner.propose(max_tokens)
+            yield from self._inner.propose(max_tokens, assume)
         finally:
             self._metrics.draft_round.observe(time.perf_counter() - started)
 

@@ -56,6 +56,7 @@ def chunk_to_proto(chunk: Chunk, text: str, request_id: str, prompt_tokens: int,
         response.speculation.draft_tokens = stats.draft_tokens
         response.speculation.accepted_tokens = stats.accepted_tokens
         response.speculation.mean_accepted_length = stats.mean_accepted_length
+        response.speculation.drafted_ahead = stats.drafted_ahead
         response.timing.ttft_s = stats.ttft_s
         response.timing.decode_s = stats.decode_s
     return response
@@ -91,6 +92,7 @@ def response_json(response: speculum_pb2.GenerateResponse) -> dict:
             "draft_tokens": response.speculation.draft_tokens,
             "accepted_tokens": response.speculation.accepted_tokens,
             "mean_accepted_length": round(response.speculation.mean_accepted_length, 4),
+            "drafted_ahead": response.speculation.drafted_ahead,
         },
         "timing": {"ttft_s": round(response.timing.ttft_s, 6), "decode_s": round(response.timing.decode_s, 6)},
     }

@@ -43,6 +43,7 @@ class SpecStats:
             "draft_tokens": self.draft_tokens,
             "accepted_tokens": self.accepted_tokens,
             "mean_accepted_length": round(self.mean_accepted_length, 4),
+            "drafted_ahead": self.drafted_ahead,
         }
 
     def as_dict(self) -> dict[str, float | int]:

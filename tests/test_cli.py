@@ -36,7 +36,8 @@ def test_json_fields_and_identical_tokens_for_every_drafter(llava_dir, image_fil
     for out in outputs.values():
         assert set(out) == FIELDS
         assert set(out["usage"]) == {"prompt_tokens", "completion_tokens"}
-        assert set(out["speculation"]) == {"target_forwards", "draft_tokens", "accepted_tokens", "mean_accepted_length"}
+        assert set(out["speculation"]) == {"target_forwards", "draft_tokens", "accepted_tokens", "mean_accepted_length",
+                                           "drafted_ahead"}
         assert set(out["timing"]) == {"ttft_s", "decode_s"}
         assert out["usage"]["completion_tokens"] == len(out["token_ids"]) == 24
     assert outputs["none"]["token_ids"] == outputs["ngram"]["token_ids"] == outputs[str(llava_dir)]["token_ids"]
