@@ -247,8 +247,9 @@ def inject_faults(stack: LocalStack, record: Record, duration_s: float, restarte
     def at(fraction: float) -> None:
         time.sleep(max(0.0, start + fraction * duration_s - time.monotonic()))
 
-    def restart(name: str, label: str) -> None:
-        record.enter(f"{label} restarting")
+    def restart(name: str, label: str, announce: bool = True) -> None:
+        if announce:
+            record.enter(f"{label} restarting")
         stack.service(name).start().wait_healthy(120)
         record.enter(f"{label} restarted")
         time.sleep(3)
@@ -276,8 +277,8 @@ def inject_faults(stack: LocalStack, record: Record, duration_s: float, restarte
     at(0.46)
     restart("draft", "drafter")
     at(0.56)
-    kill("verify", "verifier SIGKILLed")
-    restart("verify", "verifier")
+    kill("verify", "verifier SIGKILLed, restarting")
+    restart("verify", "verifier", announce=False)
     at(0.70)
     kill("encoder", "encoder SIGKILLed")
     at(0.78)
