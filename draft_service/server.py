@@ -54,6 +54,17 @@ class DrafterServicer(drafter_pb2_grpc.DrafterServicer):
 
     @mapped
     def Draft(self, request, context):
+        yield from self._round(request)
+
+    @mapped
+    def DraftRounds(self, request_iterator, context):
+        for request in request_iterator:
+            for piece in self._round(request):
+                yield drafter_pb2.DraftPiece(block=piece)
+            yield drafter_pb2.DraftPiece(end_of_round=True)
+
+    def _round(self, request):
+        """Commit the request's `advance`, then the pieces of the next block as protos."""
         with self.sessions.use(request.session_id) as session:
             if request.HasField("advance"):
                 session.advance(convert.result_from_proto(request.advance))

@@ -20,6 +20,7 @@ from pathlib import Path
 import grpc
 
 from orchestrator.breaker import BreakerSettings, CircuitBreaker
+from orchestrator.draft_stream import DraftRoundStream
 from speculum.config import SamplingParams
 from speculum.errors import Unavailable
 from speculum.records import DraftBlock, PromptInputs, VerifyResult
@@ -116,7 +117,8 @@ class GrpcVerifier:
 
 
 class GrpcDraftSession:
-    """Folds `advance` into the next Draft call, so a round costs one drafter round trip."""
+    """Rounds over one DraftRounds stream; `advance` is folded into the next round's request, so a
+    round costs one message each way."""
 
     def __init__(self, stub: drafter_pb2_grpc.DrafterStub, sampling: SamplingParams, timeout_s: float,
                  round_deadline_s: float, breaker: CircuitBreaker):
@@ -128,6 +130,7 @@ class GrpcDraftSession:
         self.session_id = f"d-{uuid.uuid4().hex}"
         self._open = False
         self._unsent: VerifyResult | None = None
+        self._stream = DraftRoundStream(stub)
 
     def prefill(self, prompt: PromptInputs, first: VerifyResult) -> None:
         request = drafter_pb2.DrafterPrefillRequest(
@@ -156,13 +159,16 @@ class GrpcDraftSession:
             drafted = 0
             span.set_attributes({"speculum.max_tokens": max_tokens, "speculum.draft_tokens": drafted})
             try:
-                for piece in self._stub.Draft(request, timeout=self._round_deadline_s):
+                for piece in self._stream.round(request, self._round_deadline_s):
                     block = convert.block_from_proto(piece)
                     drafted += len(block.tokens)
                     span.set_attribute("speculum.draft_tokens", drafted)
                     yield block
             except grpc.RpcError as exc:
                 raise self._fault(exc) from exc
+            except Unavailable:  # past the round's deadline, or the stream is gone
+                self._breaker.failed()
+                raise
 
     def _fault(self, exc: grpc.RpcError):
         """The typed error; a drafter that is down or too slow also opens the breaker (an
@@ -178,6 +184,7 @@ class GrpcDraftSession:
     def close(self) -> None:
         if self._open:
             self._open = False
+            self._stream.close()
             _release(self._stub, self.session_id, self._timeout_s)
 
 

@@ -75,7 +75,7 @@ def split_method(full_method: str) -> tuple[str, str]:
 
 
 class MetricsInterceptor(grpc.ServerInterceptor):
-    """Counts and times every unary and server-streaming call of a grpcio server.
+    """Counts and times every unary and streaming call of a grpcio server (the whole stream is one call).
 
     The status is what the call ended with: OK, the code a servicer aborted with (`mapped` aborts
     with the typed error's code), UNKNOWN for an unhandled exception, CANCELLED when the client
@@ -102,7 +102,13 @@ class MetricsInterceptor(grpc.ServerInterceptor):
                 handler.request_deserializer,
                 handler.response_serializer,
             )
-        return handler  # client streaming: only server reflection uses it
+        if handler.stream_stream is not None:  # a draft session's stream of rounds
+            return grpc.stream_stream_rpc_method_handler(
+                self._streaming(service, method, handler.stream_stream),
+                handler.request_deserializer,
+                handler.response_serializer,
+            )
+        return handler  # client streaming alone: nothing of ours uses it
 
     def _unary(self, service: str, method: str, behavior: Callable):
         def metered(request, context):

@@ -114,8 +114,15 @@ def test_a_request_moves_every_services_counters(services, app):
     assert value(verify, "speculum_sessions_live") == 0
     assert value(verify, "speculum_sessions_opened_total") - value(before["verify"], "speculum_sessions_opened_total") == 2
     assert value(verify, "speculum_sessions_released_total") == value(verify, "speculum_sessions_opened_total")
-    # the drafter: a Draft stream per round
-    assert handled(draft, "speculum.v1.Drafter", "Draft", "OK") > handled(before["draft"], "speculum.v1.Drafter", "Draft", "OK")
+    # the drafter: one DraftRounds stream per draft session (it ends just after the session closes)
+    for _ in range(50):
+        if handled(draft, "speculum.v1.Drafter", "DraftRounds", "OK") - handled(
+                before["draft"], "speculum.v1.Drafter", "DraftRounds", "OK") == 2:
+            break
+        time.sleep(0.1)
+        draft = scrape(drafter.metrics.port)
+    assert handled(draft, "speculum.v1.Drafter", "DraftRounds", "OK") - handled(
+        before["draft"], "speculum.v1.Drafter", "DraftRounds", "OK") == 2
     assert value(draft, "speculum_sessions_live") == 0
     # the encoder: a miss, then a hit on the same image
     assert value(enc, "speculum_image_cache_misses_total") - value(before["encoder"], "speculum_image_cache_misses_total") == 1
