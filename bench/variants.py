@@ -2,7 +2,8 @@
 
 All are trained against the demo target by draft_service.training with the same data, seed and
 number of steps (compare at equal steps, not equal minutes: notes/feasibility.md), so the table
-shows what each switch buys. Usage: python -m bench.variants [--out models/bench] [--only NAME]
+shows what each switch buys; and the small LLaVA assistant for HF assisted generation (`assistant`).
+Usage: python -m bench.variants [--out models/bench] [--only NAME]
 """
 
 from __future__ import annotations
@@ -48,6 +49,14 @@ def build(variant: Variant, root: Path, target: Path) -> None:
     subprocess.run(command, check=True)
 
 
+def build_assistant(root: Path) -> None:
+    """HF assisted generation's small LLaVA: the target's recipe and tokenizer, one decoder layer."""
+    command = [sys.executable, "-m", "demo_world", "build", "--preset", "assistant", "--out",
+               str(variant_dir(root, "assistant")), "--run-dir", "runs/bench_variants/assistant"]
+    print(" ".join(command), flush=True)
+    subprocess.run(command, check=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=Path("models/bench"))
@@ -63,6 +72,9 @@ def main() -> None:
             print(f"{variant.name}: exists, skipped", flush=True)
             continue
         build(variant, args.out, Path(target))
+    assistant = variant_dir(args.out, "assistant")
+    if (not args.only or "assistant" in args.only) and (args.force or not (assistant / "config.json").is_file()):
+        build_assistant(args.out)
 
 
 if __name__ == "__main__":

@@ -132,3 +132,7 @@ MICRO = RecipeConfig(
     train=TrainConfig(steps=6, batch_size=4, warmup_steps=2, checkpoint_every=3, monitor_every=0,
                       tokenizer_scenes=50, vision_steps=4, vision_batch_size=4),
 )
+
+# HF assisted generation's assistant in the drafter benchmark: the target's recipe and tokenizer at
+# drafter size (one decoder layer, like the feature drafter), so the comparison is like for like.
+ASSISTANT = RecipeConfig(model=ModelConfig(text_layers=1))
