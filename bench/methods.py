@@ -28,17 +28,20 @@ class Outcome:
 
 
 class EngineMethod:
-    """Speculum's in-process engine with a given drafter (None: the target alone)."""
+    """Speculum's in-process engine with a given drafter (None: the target alone); `adaptive`: K per
+    round up to num_draft_tokens (speculation.adaptive), else num_draft_tokens every round."""
 
-    def __init__(self, name: str, engine: Engine, drafter, num_draft_tokens: int):
+    def __init__(self, name: str, engine: Engine, drafter, num_draft_tokens: int, adaptive: bool = False):
         self.name = name
         self.engine = engine
         self.drafter = drafter
         self.num_draft_tokens = num_draft_tokens
+        self.adaptive = adaptive
 
     def run(self, request: GenerateRequest) -> Outcome:
         self.engine.drafter = self.drafter
-        speculation = SpeculationParams(enabled=self.drafter is not None, num_draft_tokens=self.num_draft_tokens)
+        speculation = SpeculationParams(enabled=self.drafter is not None, num_draft_tokens=self.num_draft_tokens,
+                                        adaptive=self.adaptive)
         request = GenerateRequest(request.prompt, request.images, request.sampling, speculation)
         started = time.perf_counter()
         result = self.engine.generate(request)

@@ -23,6 +23,8 @@ from dataclasses import dataclass
 
 import torch
 
+from orchestrator import draft_length
+from orchestrator.draft_length import DraftLengthConfig
 from orchestrator.lookahead import Lookahead
 from orchestrator.protocols import DraftSession, Drafter, Verifier, VerifySession
 from orchestrator.stopping import FinishReason, StopChecker
@@ -262,12 +264,14 @@ def speculate(
     stop: StopChecker,
     started: float | None = None,
     resume_within_s: float = RESUME_WITHIN_S,
+    draft_lengths: DraftLengthConfig = DraftLengthConfig(),
 ) -> Iterator[Chunk]:
     """Generate for one request, yielding the tokens of each round as soon as they are settled.
 
     `started` (perf_counter) is when the request arrived, for TTFT; defaults to now. Both
     sessions are closed on every exit path, including the consumer abandoning the stream.
     `resume_within_s`: how long to keep re-prefilling on a verifier that lost the session.
+    `draft_lengths`: how an adaptive request (speculation.adaptive) chooses each round's K.
     """
     started = time.perf_counter() if started is None else started
     sampling = sampling.with_seed()
@@ -279,6 +283,7 @@ def speculate(
     target = ResumableTarget(verifier, sampling, features, transcript, resume_within_s)
     draft = GuardedDraft(drafter, sampling, transcript)
     lookahead = Lookahead(draft, enabled=speculation.pipelined)
+    lengths = draft_length.for_request(speculation, draft_lengths)
     try:
         first = target.prefill(prompt)
         transcript.commit(first)
@@ -292,13 +297,16 @@ def speculate(
         pending = tuple(generated)
         while finish is None:
             yield Chunk(pending)
-            # propose: never draft past what may still be emitted (the bonus token always is)
+            # propose: K from recent acceptance and load (adaptive) or fixed; never draft past what
+            # may still be emitted (the bonus token always is)
+            k = lengths.next_length()
             room = sampling.max_new_tokens - len(generated) - 1
-            block = lookahead.take(room) or draft.propose(min(speculation.num_draft_tokens, room))
+            block = lookahead.take(min(k, room)) or draft.propose(min(k, room))
             # verify (pipelined: the drafter drafts the next block meanwhile)
-            lookahead.start(block, min(speculation.num_draft_tokens, room - len(block.tokens) - 1))
+            lookahead.start(block, min(k, room - len(block.tokens) - 1))
             result = target.verify(block)
             lookahead.settle(block, result)
+            lengths.observe(draft_length.levels(block), result.num_accepted, result.queue_depth)
             # accept
             decision = stop.offer(generated, result.tokens)
             pending = result.tokens[: decision.keep]

@@ -71,11 +71,16 @@ class SpeculationParams:
     num_draft_tokens: draft block length K per round (the verifier checks K + 1 positions).
     pipelined: draft the next block while the current one is verified (orchestrator.lookahead);
         the output is the same either way.
+    adaptive: num_draft_tokens is the most K may be; each round's K follows the request's recent
+        acceptance (1..num_draft_tokens) and the verifier's load (down to 0 when it is saturated),
+        see orchestrator.draft_length. False: K = num_draft_tokens every round. The output is the
+        same either way.
     """
 
     enabled: bool = True
     num_draft_tokens: int = 4
     pipelined: bool = False
+    adaptive: bool = False
 
     def __post_init__(self) -> None:
         if not 1 <= self.num_draft_tokens <= MAX_DRAFT_TOKENS:
@@ -83,3 +88,5 @@ class SpeculationParams:
                 "speculation.num_draft_tokens",
                 f"must be in [1, {MAX_DRAFT_TOKENS}], got {self.num_draft_tokens}",
             )
+        if not isinstance(self.adaptive, bool):
+            raise InvalidArgument("speculation.adaptive", f"must be true or false, got {self.adaptive!r}")

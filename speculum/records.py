@@ -84,12 +84,15 @@ class VerifyResult:
         committed: the whole prompt after a prefill, else the pending token and the accepted
         drafts. Row j is the state from which the token after position j is predicted. None when
         the drafter does not use target features (they are then not sent over the wire).
+    queue_depth: the verifier's load: verify calls already in flight there when this one arrived
+        (0 = it had the verifier to itself; always 0 in-process). The adaptive draft length reads it.
     """
 
     num_accepted: int
     tokens: tuple[int, ...]
     next_kind: NextTokenKind
     hidden: torch.Tensor | None = None
+    queue_depth: int = 0
 
     def __post_init__(self) -> None:
         assert len(self.tokens) == self.num_accepted + 1, (self.tokens, self.num_accepted)

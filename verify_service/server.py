@@ -8,8 +8,11 @@ with a batch window, concurrent sessions' blocks share one pass (verify_service.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -44,6 +47,8 @@ class VerifierServicer(verifier_pb2_grpc.VerifierServicer):
         )
         self._device = threading.Lock()
         self.batcher = VerifyBatcher(batch, self._device, lambda: len(self.sessions)) if batch.window_s > 0 else None
+        self._counting = threading.Lock()
+        self.in_flight = 0  # Verify calls being served: the load each result reports
 
     @mapped
     def Prefill(self, request, context):
@@ -68,6 +73,7 @@ class VerifierServicer(verifier_pb2_grpc.VerifierServicer):
     def Verify(self, request, context):
         block = convert.block_from_proto(request.block)
         with (
+            self._arrival() as ahead,
             self.sessions.use(request.session_id) as owned,
             tracer().start_as_current_span("speculum.target.verify") as span,
         ):
@@ -79,7 +85,19 @@ class VerifierServicer(verifier_pb2_grpc.VerifierServicer):
             span.set_attributes(
                 {"speculum.draft_tokens": len(block.tokens), "speculum.accepted_tokens": result.num_accepted}
             )
-        return convert.result_to_proto(result, owned.return_hidden)
+        return convert.result_to_proto(dataclasses.replace(result, queue_depth=ahead), owned.return_hidden)
+
+    @contextmanager
+    def _arrival(self) -> Iterator[int]:
+        """Count this Verify call in flight while it is served; yields the calls already in flight."""
+        with self._counting:
+            ahead = self.in_flight
+            self.in_flight += 1
+        try:
+            yield ahead
+        finally:
+            with self._counting:
+                self.in_flight -= 1
 
     @mapped
     def Release(self, request, context):

@@ -95,6 +95,7 @@ def result_to_proto(result: VerifyResult, with_hidden: bool) -> session_pb2.Veri
         tokens=result.tokens,
         next_kind=KINDS[result.next_kind],
         hidden=tensor_to_proto(result.hidden) if with_hidden else None,
+        queue_depth=result.queue_depth,
     )
 
 
@@ -104,4 +105,5 @@ def result_from_proto(message: session_pb2.VerifyResult) -> VerifyResult:
         tuple(message.tokens),
         KINDS_BACK[message.next_kind],
         _maybe(message, "hidden", "result.hidden"),
+        message.queue_depth,
     )
