@@ -107,6 +107,7 @@ def build_methods(engine: Engine, target_dir: Path, args: argparse.Namespace) ->
                 tree_drafter = FeatureDrafter(drafter.model, drafter.facts, tree_shape)
                 methods.append(EngineMethod(f"{variant.name}+tree", engine, tree_drafter, tree_k))
     methods.append(EngineMethod("shipped", engine, shipped, k))
+    methods.append(EngineMethod("shipped+adaptive", engine, shipped, k, adaptive=True))  # K per round <= k
     methods.append(EngineMethod("shipped+tree", engine, FeatureDrafter(shipped.model, shipped.facts, tree_shape), tree_k))
     return methods, missing
 
