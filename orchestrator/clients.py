@@ -23,7 +23,7 @@ from orchestrator.breaker import BreakerSettings, CircuitBreaker
 from orchestrator.draft_stream import DraftRoundStream
 from speculum.config import SamplingParams
 from speculum.errors import Unavailable
-from speculum.records import DraftBlock, PromptInputs, VerifyResult
+from speculum.records import DraftBlock, PromptInputs, VerifyResult, join_results
 from speculum.rpc import convert
 from speculum.rpc.settings import ClientSettings, message_options
 from speculum.rpc.status import error_from_rpc
@@ -179,7 +179,8 @@ class GrpcDraftSession:
         return error
 
     def advance(self, result: VerifyResult) -> None:
-        self._unsent = result
+        # Rounds without a draft call (K = 0 under load) must not lose what they committed.
+        self._unsent = result if self._unsent is None else join_results(self._unsent, result)
 
     def close(self) -> None:
         if self._open:

@@ -100,3 +100,16 @@ class VerifyResult:
     @property
     def next_token(self) -> int:
         return self.tokens[-1]
+
+
+def join_results(earlier: VerifyResult, later: VerifyResult) -> VerifyResult:
+    """Two consecutive results as one, for a drafter that has not seen the earlier one yet.
+
+    A drafter reads only the tokens and the feature rows; both still pair up (row j predicts token
+    j + 1) after concatenation, because the earlier result's last token is the later one's pending row.
+    """
+    hidden = None
+    if earlier.hidden is not None and later.hidden is not None:
+        hidden = torch.cat([earlier.hidden, later.hidden])
+    tokens = (*earlier.tokens, *later.tokens)
+    return VerifyResult(len(tokens) - 1, tokens, later.next_kind, hidden, later.queue_depth)

@@ -327,8 +327,6 @@ def test_the_public_request_carries_adaptive():
         assert back.speculation.adaptive is adaptive and back.speculation.num_draft_tokens == 6
 
 
-@pytest.mark.xfail(strict=True, reason="orchestrator/clients.py GrpcDraftSession.advance keeps only the last result "
-                   "until the next propose, so rounds without a draft call lose the earlier results")
 def test_rounds_without_drafts_keep_a_remote_drafter_in_step(llava_engine):
     """Through the real services, a saturated spell (simulated: the verifier wrapper reports a deep
     queue) skips draft calls; the draft service must still get every round's result, or its drafts
