@@ -74,7 +74,9 @@ class TrainConfig:
 
     seed: int = 1234
     steps: int = 1800  # ~35-70 min here: 1.0 s/step alone, 2-2.5 s/step while other jobs run
-    hold_steps: int = 0  # further steps at the floor learning rate after the cosine has ended
+    # Further steps at the floor learning rate after the cosine has ended. FULL's 500 raised the pooled
+    # held-out key-fact accuracy from 0.633 (at step 1800) to 0.660.
+    hold_steps: int = 500
     batch_size: int = 16
     lr: float = 1e-3
     vision_lr: float = 1e-3  # the vision tower and projector get their own peak learning rate
@@ -130,7 +132,7 @@ MICRO = RecipeConfig(
     model=ModelConfig(vision_hidden=32, vision_layers=1, vision_heads=2, text_hidden=64, text_layers=2,
                       text_heads=2, text_intermediate=128, vocab_size=400, max_positions=512),
     train=TrainConfig(steps=6, batch_size=4, warmup_steps=2, checkpoint_every=3, monitor_every=0,
-                      tokenizer_scenes=50, vision_steps=4, vision_batch_size=4),
+                      tokenizer_scenes=50, vision_steps=4, vision_batch_size=4, hold_steps=0),
 )
 
 # HF assisted generation's assistant in the drafter benchmark: the target's recipe and tokenizer at
