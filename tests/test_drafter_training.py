@@ -67,3 +67,26 @@ def test_batches_are_a_function_of_seed_and_step(tmp_path):
     assert step_batch(pools, config, 7) == step_batch(pools, config, 7)
     assert all(item < 100 for item in step_batch(pools, config, 0))  # stage 1: text only
     assert all(item >= 100 for item in step_batch(pools, config, 9))  # end of stage 2: all multimodal
+
+
+def test_a_retrained_target_invalidates_cached_features_and_checkpoint(tmp_path, llava_dir):
+    """Same config, other weights (a target trained further): the run dir's features and checkpoint
+    belong to the old target and must not be reused."""
+    from safetensors.torch import save_file
+
+    target = tmp_path / "target"
+    shutil.copytree(llava_dir, target)
+    run_dir = tmp_path / "run"
+    common = ["--target", str(target), "--out", str(tmp_path / "drafter"), "--run-dir", str(run_dir), "--seed", "1"]
+    main([*common, *TINY_RUN, "--stop-after", "3"])
+    before = (run_dir / "features.safetensors").read_bytes()
+    weights = load_file(str(target / "model.safetensors"))
+    name = next(n for n in weights if "lm_head" in n or "embed_tokens" in n)
+    weights[name] = weights[name] * 1.5  # "trained further": same config, other weights
+    save_file(weights, str(target / "model.safetensors"), metadata={"format": "pt"})
+    summary = main([*common, *TINY_RUN])
+    assert (run_dir / "features.safetensors").read_bytes() != before  # collected again from the new target
+    assert summary["steps"] == 6
+    log = [json.loads(line) for line in (run_dir / "train_log.jsonl").read_text().splitlines()]
+    steps = [record["step"] for record in log if "step" in record and "loss" in record]
+    assert steps.count(min(steps)) >= 2, "the second run must start again from its first step"

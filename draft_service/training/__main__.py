@@ -19,9 +19,11 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import hashlib
 import json
 import os
 import shlex
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -85,6 +87,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
+def weights_sha256(target_dir: Path) -> str:
+    """One hash over the target's safetensors files (names and bytes), in name order."""
+    digest = hashlib.sha256()
+    for path in sorted(Path(target_dir).glob("*.safetensors")):
+        digest.update(path.name.encode())
+        with open(path, "rb") as handle:
+            for block in iter(lambda: handle.read(1 << 20), b""):
+                digest.update(block)
+    return digest.hexdigest()
+
+
 def main(argv: list[str] | None = None) -> dict:
     """Run the CLI; a malformed data file ends it with `error: <file:line>: <what is wrong>`."""
     args = parse_args(argv)
@@ -115,9 +128,14 @@ def run(args: argparse.Namespace, argv: list[str] | None) -> dict:
 
     target = VisionLanguageModel.from_pretrained(target_dir, torch.device("cpu"))
     files = local.fingerprint()
-    key = {"data": dataclasses.asdict(data), "target": ref.config_sha256, **({"files": files} if files else {})}
+    # The weights too: a target retrained with the same config must not reuse features of the old one.
+    key = {"data": dataclasses.asdict(data), "target": ref.config_sha256, "weights": weights_sha256(target_dir),
+           **({"files": files} if files else {})}
     store_key = json.dumps(key, default=str)
     pools = load_pools(run_dir / "features.safetensors", store_key)
+    if pools is None and (run_dir / "checkpoint").exists():
+        print(f"{run_dir}/checkpoint was trained on other features: starting from step 0", flush=True)
+        shutil.rmtree(run_dir / "checkpoint")
     if pools is None:
         tokenizer = AutoTokenizer.from_pretrained(target_dir, local_files_only=True)
         processor = AutoImageProcessor.from_pretrained(target_dir, local_files_only=True) if target.is_multimodal else None
