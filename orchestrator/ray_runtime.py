@@ -34,6 +34,10 @@ def start(config: OrchestratorConfig, settings: RayServeSettings) -> None:
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     # On a busy 2-core machine the raylet can take longer than Ray's default wait to register.
     os.environ.setdefault("RAY_raylet_start_wait_time_s", "120")
+    # Likewise Serve's proxy: with its default 5 s ready / 10 s health timeouts a loaded machine had
+    # the controller kill a healthy, slow-starting proxy (seen with two trainings and the tests running).
+    os.environ.setdefault("RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S", "60")
+    os.environ.setdefault("RAY_SERVE_PROXY_HEALTH_CHECK_TIMEOUT_S", "30")
     import ray
     from ray import serve
     from ray.serve.config import gRPCOptions
