@@ -147,13 +147,8 @@ def pretrain_vision(model: LlavaForConditionalGeneration, probe: PatchProbe, ima
         for step in range(start, tc.vision_steps):
             pixels, labels = vision_batch(config, step, image_processor)
             loss = probe.loss(image_features(model, pixels), labels)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(params, tc.grad_clip)
-            optimizer.step()
-            scheduler.step()
-            value = loss.item()
-            loss_ema = value if math.isnan(loss_ema) else 0.98 * loss_ema + 0.02 * value
+            value = _optimize(loss, params, optimizer, scheduler, tc.grad_clip)
+            loss_ema = _ema(loss_ema, value)
             bar.update(1)
             bar.set_postfix(loss=f"{loss_ema:.3f}")
             done = step + 1
@@ -222,13 +217,8 @@ def train(
             batch = collate(step_items(config, step), tokenizer, image_processor, config.model.visual_tokens,
                             config.scenes if tc.probe_weight > 0 else None)
             loss = answer_loss(model, batch, probe, tc.probe_weight)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip)
-            optimizer.step()
-            scheduler.step()
-            value = loss.item()
-            loss_ema = value if math.isnan(loss_ema) else 0.98 * loss_ema + 0.02 * value
+            value = _optimize(loss, model.parameters(), optimizer, scheduler, tc.grad_clip)
+            loss_ema = _ema(loss_ema, value)
             bar.update(1)
             bar.set_postfix(loss=f"{loss_ema:.3f}")
             done = step + 1
@@ -246,3 +236,18 @@ def train(
                 _save_checkpoint(checkpoint, model, probe, optimizer, scheduler, done, loss_ema)
     model.eval()
     return TrainResult(min(tc.total_steps, stop_after or tc.total_steps), start, loss_ema, time.monotonic() - began)
+
+
+def _optimize(loss: torch.Tensor, params, optimizer, scheduler, grad_clip: float) -> float:
+    """One optimizer step on `loss` (clipped), then the schedule's; returns the loss value."""
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(params, grad_clip)
+    optimizer.step()
+    scheduler.step()
+    return loss.item()
+
+
+def _ema(previous: float, value: float) -> float:
+    """The smoothed loss shown on the progress bar (NaN before the first step)."""
+    return value if math.isnan(previous) else 0.98 * previous + 0.02 * value

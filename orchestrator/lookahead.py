@@ -65,7 +65,7 @@ class Lookahead:
 
 def _after_guess(ahead: DraftBlock, token: int) -> DraftBlock | None:
     """The look-ahead below its guess `token` (chain: the rest of it; tree: that child's subtree)."""
-    parents = ahead.parents or tuple(range(-1, len(ahead.tokens) - 1))
+    parents = ahead.tree_parents
     found = tree.subtree_under(ahead.tokens, parents, token)
     if found is None:
         return None
@@ -77,7 +77,7 @@ def _after_guess(ahead: DraftBlock, token: int) -> DraftBlock | None:
 
 def _cut(block: DraftBlock, room: int) -> DraftBlock:
     """At most `room` levels of `block` (a chain: its first `room` tokens)."""
-    parents = block.parents or tuple(range(-1, len(block.tokens) - 1))
+    parents = block.tree_parents
     depths = tree.depths(parents)
     keep = [i for i, depth in enumerate(depths) if depth <= room]
     if len(keep) == len(block.tokens):

@@ -90,24 +90,14 @@ class MetricsInterceptor(grpc.ServerInterceptor):
         service, method = split_method(handler_call_details.method)
         if handler is None or service in UNMETERED_SERVICES:
             return handler
-        if handler.unary_unary is not None:
-            return grpc.unary_unary_rpc_method_handler(
-                self._unary(service, method, handler.unary_unary),
-                handler.request_deserializer,
-                handler.response_serializer,
-            )
-        if handler.unary_stream is not None:
-            return grpc.unary_stream_rpc_method_handler(
-                self._streaming(service, method, handler.unary_stream),
-                handler.request_deserializer,
-                handler.response_serializer,
-            )
-        if handler.stream_stream is not None:  # a draft session's stream of rounds
-            return grpc.stream_stream_rpc_method_handler(
-                self._streaming(service, method, handler.stream_stream),
-                handler.request_deserializer,
-                handler.response_serializer,
-            )
+        for behavior, wrap, rebuild in (
+            (handler.unary_unary, self._unary, grpc.unary_unary_rpc_method_handler),
+            (handler.unary_stream, self._streaming, grpc.unary_stream_rpc_method_handler),
+            (handler.stream_stream, self._streaming, grpc.stream_stream_rpc_method_handler),  # draft sessions
+        ):
+            if behavior is not None:
+                return rebuild(wrap(service, method, behavior), handler.request_deserializer,
+                               handler.response_serializer)
         return handler  # client streaming alone: nothing of ours uses it
 
     def _unary(self, service: str, method: str, behavior: Callable):

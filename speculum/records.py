@@ -62,6 +62,11 @@ class DraftBlock:
     def is_chain(self) -> bool:
         return self.parents is None or all(p == i - 1 for i, p in enumerate(self.parents))
 
+    @property
+    def tree_parents(self) -> tuple[int, ...]:
+        """`parents`, with a chain's spelled out ((-1, 0, 1, ...)), for code that treats both as trees."""
+        return self.parents if self.parents is not None else tuple(range(-1, len(self.tokens) - 1))
+
 
 def join_pieces(pieces: list[DraftBlock]) -> DraftBlock:
     """One chain block from the pieces a drafter streamed, in order."""

@@ -58,10 +58,9 @@ class TargetSession:
     def pass_inputs(self, block: DraftBlock) -> tuple[list[int], tuple[int, ...]]:
         """The tokens a verification feeds ([pending, *block]) and the block's parents (a chain's too)."""
         assert self._pending is not None, "prefill first"
-        if block.is_chain:
-            return [self._pending, *block.tokens], tuple(range(-1, len(block.tokens) - 1))
-        tree.check_parents(block.parents)
-        return [self._pending, *block.tokens], block.parents
+        if not block.is_chain:
+            tree.check_parents(block.parents)
+        return [self._pending, *block.tokens], block.tree_parents
 
     def settle(self, block: DraftBlock, committed: int, step: ModelStep) -> VerifyResult:
         """Judge `block` from the pass's `step` (logits and hidden of its 1 + K rows) and keep the
