@@ -5,7 +5,8 @@ lengths 1..6, with and without an image, for every switch combination, with an u
 (almost everything rejected) and a briefly trained one (long accepted runs, so rollbacks happen
 mid-block). Sampling keeps the target's distribution (exact marginals on a small vocabulary). A
 saved and reloaded checkpoint drafts the same tokens, and after rejections the drafter's KV cache
-equals a fresh prefill of the committed context. The same holds for candidate trees.
+equals a fresh prefill of the committed context. The same holds for candidate trees. The drafter's
+plain-torch decoder layer computes what transformers' LlamaDecoderLayer computes, with its weights.
 """
 
 from __future__ import annotations
@@ -18,6 +19,8 @@ import torch
 
 from conftest import build_prompt, hf_greedy, png_bytes
 from draft_service.feature.checkpoint import load_checkpoint, new_model, save_checkpoint
+from draft_service.feature.config import FeatureDrafterConfig, TargetRef
+from draft_service.feature.layer import DecoderLayer, LayerCache
 from draft_service.feature.drafter import FeatureDrafter
 from draft_service.feature.target_parts import parts_from_model, model_ref, target_ref, load_target_parts
 from orchestrator.loop import speculate
@@ -199,9 +202,8 @@ def test_cache_after_rejection_equals_fresh_prefill(llava_engine, prompts, train
     fresh.prefill(context, VerifyResult(0, (emitted[-1],), NextTokenKind.BONUS, fresh_first.hidden))
     fresh.sync()
     assert fresh.real_length == session.real_length
-    for ours, theirs in zip(session.cache.layers, fresh.cache.layers):
-        torch.testing.assert_close(ours.keys, theirs.keys, atol=1e-4, rtol=1e-4)
-        torch.testing.assert_close(ours.values, theirs.values, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(session.cache.keys, fresh.cache.keys, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(session.cache.values, fresh.cache.values, atol=1e-4, rtol=1e-4)
 
 
 def test_sampling_keeps_the_target_distribution(target, exact_marginals, monkeypatch):  # noqa: F811
@@ -284,8 +286,7 @@ def test_cache_after_tree_rounds_equals_fresh_prefill(llava_engine, prompts, tra
     fresh.prefill(context, VerifyResult(0, (emitted[-1],), NextTokenKind.BONUS, fresh_target.prefill(context).hidden))
     fresh.sync()
     assert fresh.real_length == session.real_length
-    for ours, theirs in zip(session.cache.layers, fresh.cache.layers):
-        torch.testing.assert_close(ours.keys, theirs.keys, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(session.cache.keys, fresh.cache.keys, atol=1e-4, rtol=1e-4)
 
 
 def test_tree_sampling_keeps_the_target_distribution(target, exact_marginals, monkeypatch):  # noqa: F811
@@ -298,3 +299,68 @@ def test_tree_sampling_keeps_the_target_distribution(target, exact_marginals, mo
     counts = sample_counts(target, drafter, seed_base=50_000)
     for position in range(exact_marginals.shape[0]):
         assert matches(counts[position], exact_marginals[position]), position
+
+
+# --- the plain-torch decoder layer against transformers' LlamaDecoderLayer ------------------------
+def layer_pair(num_kv_heads: int) -> tuple[DecoderLayer, torch.nn.Module, object]:
+    """Our layer and transformers' (input norm removed, as the drafter uses it) with the same random weights."""
+    from transformers import LlamaConfig
+    from transformers.models.llama.modeling_llama import LlamaDecoderLayer, LlamaRotaryEmbedding
+
+    config = FeatureDrafterConfig(TargetRef("-", "-", 64, 64), num_heads=4, num_kv_heads=num_kv_heads,
+                                  intermediate_size=96, rope_theta=500.0, max_positions=8)
+    hf_config = LlamaConfig(hidden_size=64, intermediate_size=96, num_attention_heads=4, num_key_value_heads=num_kv_heads,
+                            rms_norm_eps=config.rms_norm_eps, rope_theta=config.rope_theta, attn_implementation="sdpa")
+    torch.manual_seed(0)
+    ours = DecoderLayer(config)
+    with torch.no_grad():
+        ours.post_attention_layernorm.weight.uniform_(0.5, 1.5)
+    theirs = LlamaDecoderLayer(hf_config, layer_idx=0)
+    theirs.input_layernorm = torch.nn.Identity()
+    theirs.load_state_dict(ours.state_dict())  # strict: the parameter names are the same
+    return ours.eval(), theirs.eval(), LlamaRotaryEmbedding(hf_config)
+
+
+def hf_run(layer, rotary, x, cache=None, mask=None, positions=None):
+    cached = 0 if cache is None else cache.get_seq_length()
+    if positions is None:
+        positions = torch.arange(cached, cached + x.shape[1])[None]
+        if cached and x.shape[1] > 1:
+            mask = torch.ones(x.shape[1], cached + x.shape[1], dtype=torch.bool).tril(cached)[None, None]
+    return layer(x, attention_mask=mask, position_ids=positions, past_key_values=cache, use_cache=cache is not None,
+                 position_embeddings=rotary(x, positions))
+
+
+@pytest.mark.parametrize("num_kv_heads", [4, 2])
+@torch.no_grad()
+def test_layer_equals_transformers_llama_layer(num_kv_heads):
+    from transformers import DynamicCache
+
+    ours, theirs, rotary = layer_pair(num_kv_heads)
+    # A right-padded batch, causal, beyond the initial RoPE table (8 positions): training's forward.
+    batch = torch.randn(3, 13, 64)
+    torch.testing.assert_close(ours(batch), hf_run(theirs, rotary, batch))
+    # Incremental with a cache, with a rollback in the middle: serving's forward (chains need only
+    # the last row's output; the rows before it still enter the cache).
+    cache, hf_cache = LayerCache(initial_capacity=4), DynamicCache()
+    for chunk, last_only in ((5, False), (1, False), (3, True), (4, True), (2, False)):
+        x = torch.randn(1, chunk, 64)
+        expected = hf_run(theirs, rotary, x, hf_cache)
+        torch.testing.assert_close(ours(x, cache, last_only=last_only), expected[:, -1:] if last_only else expected)
+        if chunk == 3:
+            cache.truncate(cache.length - 2)
+            hf_cache.crop(-2)
+    torch.testing.assert_close(cache.keys, hf_cache.layers[0].keys)
+    torch.testing.assert_close(cache.values, hf_cache.layers[0].values)
+    # A candidate tree after the cached rows: its own mask and positions.
+    cached = cache.length
+    parents = [-1, -1, 0, 0, 2]
+    visible = torch.zeros(5, cached + 5, dtype=torch.bool)
+    visible[:, :cached] = True
+    for node in range(5):
+        for ancestor in tree.path_to(parents, node):
+            visible[node, cached + ancestor] = True
+    positions = torch.tensor([[cached + len(tree.path_to(parents, n)) - 1 for n in range(5)]])
+    x = torch.randn(1, 5, 64)
+    torch.testing.assert_close(ours(x, cache, visible[None, None], positions),
+                               hf_run(theirs, rotary, x, hf_cache, visible[None, None], positions))

@@ -9,8 +9,6 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
-from transformers import LlamaConfig
-
 MARKER = "speculum-feature-drafter"  # the `kind` in a checkpoint's config.json: says what loads it
 
 
@@ -79,21 +77,6 @@ class FeatureDrafterConfig:
     @property
     def vocab_size(self) -> int:
         return self.target.vocab_size
-
-    def layer_config(self) -> LlamaConfig:
-        """The transformers config of the drafter's one decoder layer (and its cache and RoPE)."""
-        return LlamaConfig(
-            vocab_size=self.vocab_size,
-            hidden_size=self.hidden_size,
-            intermediate_size=self.intermediate_size,
-            num_hidden_layers=1,
-            num_attention_heads=self.num_heads,
-            num_key_value_heads=self.num_kv_heads,
-            max_position_embeddings=self.max_positions,
-            rms_norm_eps=self.rms_norm_eps,
-            rope_theta=self.rope_theta,
-            attn_implementation="sdpa",
-        )
 
     def to_dict(self) -> dict:
         return {"kind": MARKER, **dataclasses.asdict(self)}

@@ -1,5 +1,5 @@
 """The feature draft model: fc over (next-token embedding, target feature) -> one Llama decoder layer
--> predicted target feature(s) -> the target's frozen LM head.
+(feature/layer.py) -> predicted target feature(s) -> the target's frozen LM head.
 
 EAGLE's layout: the decoder layer has no input norm (its inputs are fc outputs, already scaled as
 target features) and there is no final norm (the predicted feature is the target's post-norm state).
@@ -12,22 +12,12 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers import DynamicCache
-from transformers.models.llama.modeling_llama import LlamaDecoderLayer, LlamaRotaryEmbedding
 
 from draft_service.feature.compressor import LatentCompressor
 from draft_service.feature.config import FeatureDrafterConfig
+from draft_service.feature.layer import DecoderLayer, LayerCache
 from draft_service.feature.semi_ar import SemiARHead
 from draft_service.feature.target_parts import TargetParts
-
-
-def causal_mask(num_new: int, num_cached: int, device: torch.device) -> torch.Tensor | None:
-    """[1, 1, T, S + T] bool mask for T new rows after S cached ones; None when SDPA needs none."""
-    if num_new == 1 or num_cached == 0:
-        return None  # one query sees everything; no cache: SDPA's own is_causal is right
-    rows = torch.arange(num_new, device=device)[:, None] + num_cached
-    cols = torch.arange(num_cached + num_new, device=device)[None, :]
-    return (cols <= rows)[None, None]
 
 
 class FeatureDraftModel(nn.Module):
@@ -37,19 +27,15 @@ class FeatureDraftModel(nn.Module):
         super().__init__()
         assert parts.embedding.shape == (config.vocab_size, config.hidden_size), parts.embedding.shape
         self.config = config
-        layer_config = config.layer_config()
-        self.layer_config = layer_config
         self.register_buffer("embedding", parts.embedding, persistent=False)  # [V, D] frozen
         self.register_buffer("lm_head", parts.lm_head, persistent=False)  # [V, D] frozen
         self.fc = nn.Linear(2 * config.hidden_size, config.hidden_size, bias=True)
-        self.layer = LlamaDecoderLayer(layer_config, layer_idx=0)
-        self.layer.input_layernorm = nn.Identity()
-        self.rotary = LlamaRotaryEmbedding(layer_config)
+        self.layer = DecoderLayer(config)
         self.compressor = LatentCompressor(config.num_latents, config.hidden_size) if config.compress_visual else None
         self.semi_ar = SemiARHead(config.hidden_size, config.semi_ar_k, config.semi_ar_hidden) if config.semi_ar_k > 1 else None
 
-    def new_cache(self) -> DynamicCache:
-        return DynamicCache(config=self.layer_config)
+    def new_cache(self) -> LayerCache:
+        return LayerCache()
 
     def embed(self, token_ids: torch.Tensor) -> torch.Tensor:
         """[...] ids -> [..., D] the target's input embeddings."""
@@ -66,27 +52,20 @@ class FeatureDraftModel(nn.Module):
     def forward(
         self,
         inputs: torch.Tensor,
-        cache: DynamicCache | None = None,
+        cache: LayerCache | None = None,
         attention_mask: torch.Tensor | None = None,
         positions: torch.Tensor | None = None,
+        last_only: bool = False,
     ) -> torch.Tensor:
-        """inputs: [B, T, D] rows after the cache's -> features [B, T, k, D] for offsets 0..k-1.
+        """inputs: [B, T, D] rows after the cache's -> features [B, T, k, D] for offsets 0..k-1
+        ([B, k, D] of the last row alone with `last_only`: what drafting after a block needs).
 
         With a cache the rows are appended to it (B = 1); without one, a whole right-padded batch runs
         causally (padding rows come after the real ones, so real rows never see them). A candidate
         tree gives its own `attention_mask` [1, 1, T, S + T] (bool) and `positions` [1, T].
         """
         assert inputs.dim() == 3 and inputs.shape[-1] == self.config.hidden_size, inputs.shape
-        num_cached = 0 if cache is None else cache.get_seq_length()
-        if positions is None:
-            positions = torch.arange(num_cached, num_cached + inputs.shape[1], device=inputs.device)[None]
-            attention_mask = causal_mask(inputs.shape[1], num_cached, inputs.device)
-        out = self.layer(
-            inputs,
-            attention_mask=attention_mask,
-            position_ids=positions,
-            past_key_values=cache,
-            use_cache=cache is not None,
-            position_embeddings=self.rotary(inputs, positions),
-        )
+        out = self.layer(inputs, cache, attention_mask, positions, last_only)
+        if last_only:
+            out = out[:, 0]
         return out.unsqueeze(-2) if self.semi_ar is None else self.semi_ar(out)

@@ -17,7 +17,6 @@ from draft_service.feature.model import FeatureDraftModel
 from draft_service.feature.tree_drafting import TreeFeatures
 from draft_service.vlm_drafter import DRAFTER_SEED_OFFSET
 from draft_service.tree_growth import grow_tree
-from speculum import kv_cache
 from speculum.config import SamplingParams
 from speculum.errors import InvalidArgument
 from speculum.model_facts import ModelFacts
@@ -75,7 +74,7 @@ class FeatureDraftSession:
                 return
             # The drafted tokens with the features they were predicted from are the next rows.
             rows = self.model.fuse(self.model.embed(torch.tensor(block.tokens)), features[:width])
-            features = self.model(rows[None], self.cache)[0, -1]
+            features = self.model(rows[None], self.cache, last_only=True)[0]
 
     def _assume(self, features: torch.Tensor, assume: Sequence[int]) -> torch.Tensor:
         """Feed tokens taken as accepted (with the drafter's own features, like drafted ones), up to k
@@ -83,7 +82,7 @@ class FeatureDraftSession:
         for start in range(0, len(assume), len(features)):
             tokens = torch.tensor(list(assume[start : start + len(features)]))
             rows = self.model.fuse(self.model.embed(tokens), features[: len(tokens)])
-            features = self.model(rows[None], self.cache)[0, -1]
+            features = self.model(rows[None], self.cache, last_only=True)[0]
         return features
 
     @torch.inference_mode()
@@ -92,16 +91,16 @@ class FeatureDraftSession:
             raise InvalidArgument("drafter", "the feature drafter needs the target's hidden states")
         assert result.hidden.shape[0] == len(result.tokens), (result.hidden.shape, result.tokens)
         self.sync()  # rows committed earlier but never drafted from (a propose of 0 tokens)
-        kv_cache.truncate(self.cache, self._real_length)
+        self.cache.truncate(self._real_length)
         # Row j pairs h_j with x_{j+1}: the pending token's row with the first accepted token, and so on.
         self._unfed = self.model.fuse(self.model.embed(torch.tensor(result.tokens)), result.hidden.float().cpu())
 
     @torch.inference_mode()
     def sync(self) -> torch.Tensor:
         """Run the unfed real rows; the cache then ends at the last real row. -> features [k, D]."""
-        kv_cache.truncate(self.cache, self._real_length)
+        self.cache.truncate(self._real_length)
         if self._unfed is not None and len(self._unfed):
-            self._features = self.model(self._unfed[None], self.cache)[0, -1]
+            self._features = self.model(self._unfed[None], self.cache, last_only=True)[0]
             self._real_length += len(self._unfed)
             self._unfed = None
         assert self._features is not None, "prefill first"

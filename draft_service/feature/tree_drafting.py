@@ -12,8 +12,7 @@ next `advance` cuts them off.
 from __future__ import annotations
 
 import torch
-from transformers import DynamicCache
-
+from draft_service.feature.layer import LayerCache
 from draft_service.feature.model import FeatureDraftModel
 from speculum import tree
 
@@ -21,10 +20,10 @@ from speculum import tree
 class TreeFeatures:
     """The drafter features behind one round's tree; `children_logits` is tree_growth's `expand`."""
 
-    def __init__(self, model: FeatureDraftModel, cache: DynamicCache, features: torch.Tensor):
+    def __init__(self, model: FeatureDraftModel, cache: LayerCache, features: torch.Tensor):
         self.model = model
         self.cache = cache
-        self.real = cache.get_seq_length()  # rows before the tree (all computed from target features)
+        self.real = cache.length  # rows before the tree (all computed from target features)
         self.root_source = (features, 0)  # features: [k, D] predicted after the last real row
         self.source: dict[int, tuple[torch.Tensor, int]] = {}  # node -> (features [k, D], offset) it came from
         self.row_of: dict[int, int] = {}  # node -> its speculative row in the cache
@@ -54,7 +53,7 @@ class TreeFeatures:
     def _feed(self, nodes: list[int], tokens: list[int], parents: list[int]) -> None:
         """Run the rows of `nodes` and their unfed ancestors; keep the features each predicts."""
         todo = sorted({a for n in nodes for a in tree.path_to(parents, n) if a not in self.row_of})
-        cached = self.cache.get_seq_length()
+        cached = self.cache.length
         inputs = torch.stack([self.source[n][0][self.source[n][1]] for n in todo])
         rows = self.model.fuse(self.model.embed(torch.tensor([tokens[n] for n in todo])), inputs)
         for r, node in enumerate(todo):
