@@ -364,3 +364,16 @@ def test_layer_equals_transformers_llama_layer(num_kv_heads):
     x = torch.randn(1, 5, 64)
     torch.testing.assert_close(ours(x, cache, visible[None, None], positions),
                                hf_run(theirs, rotary, x, hf_cache, visible[None, None], positions))
+
+
+@torch.no_grad()
+def test_layer_fused_weights_follow_in_place_updates():
+    """q/k/v and gate/up run as one cached matmul at inference: an optimizer step between two
+    evaluations (in-place updates) must not leave the cached copy stale."""
+    ours, theirs, rotary = layer_pair(4)
+    x = torch.randn(2, 6, 64)
+    ours(x)  # builds the cached fused weights
+    for name in ("self_attn.k_proj.weight", "mlp.up_proj.weight"):
+        ours.get_parameter(name).mul_(1.5)
+        theirs.get_parameter(name).mul_(1.5)
+    torch.testing.assert_close(ours(x), hf_run(theirs, rotary, x))

@@ -66,9 +66,9 @@ class LayerCache:
 
 
 class RotaryTable(nn.Module):
-    """cos / sin of Llama's default RoPE per position, [P, head_dim], computed as transformers does
-    (positions · inv_freq in fp32, the frequencies repeated once) and extended on demand. Buffers,
-    not parameters: never in a checkpoint."""
+    """cos / signed sin of Llama's default RoPE per position, [P, head_dim], computed as transformers
+    does (positions · inv_freq in fp32, the frequencies repeated once) and extended on demand.
+    Buffers, not parameters: never in a checkpoint."""
 
     def __init__(self, head_dim: int, theta: float, initial_positions: int):
         super().__init__()
@@ -78,12 +78,13 @@ class RotaryTable(nn.Module):
         self.register_buffer("sin", sin, persistent=False)
 
     def _table(self, count: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos and signed sin ((-sin, sin) over the two halves: see `rotate`) of positions 0..count-1."""
         freqs = torch.arange(count, dtype=torch.float)[:, None] * self.inv_freq
         angles = torch.cat((freqs, freqs), dim=-1)
-        return angles.cos(), angles.sin()
+        return angles.cos(), torch.cat((-freqs.sin(), freqs.sin()), dim=-1)
 
     def lookup(self, start: int, count: int, positions: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
-        """cos, sin for `positions` ([B, T] or [T]) when given, else for start..start+count-1.
+        """cos, signed sin for `positions` ([B, T] or [T]) when given, else for start..start+count-1.
         -> [T, head_dim] (broadcasts over batch and heads) or [B, 1, T, head_dim]."""
         last = start + count if positions is None else int(positions.max()) + 1
         if last > self.cos.shape[0]:
@@ -95,10 +96,31 @@ class RotaryTable(nn.Module):
         return (cos, sin) if positions.dim() == 1 else (cos.unsqueeze(1), sin.unsqueeze(1))
 
 
-def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """RoPE on [B, H, T, head_dim] (rotate_half convention, as transformers' Llama)."""
-    half = x.shape[-1] // 2
-    return x * cos + torch.cat((-x[..., half:], x[..., :half]), dim=-1) * sin
+def rotate(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch.Tensor:
+    """RoPE on [B, H, T, head_dim] in transformers' rotate_half convention: x·cos + rotate_half(x)·sin,
+    with rotate_half(x) = (-x2, x1) = roll(x)·(-1, 1) folded into `signed_sin` (one op fewer)."""
+    return x * cos + x.roll(x.shape[-1] // 2, dims=-1) * signed_sin
+
+
+class FusedWeight:
+    """The row-concatenation of some Linear layers' weights, so that one matmul does their work
+    while the checkpoint keeps their own names. Cached for inference (rebuilt when any of them is
+    replaced or updated in place: pointer and version counter), concatenated per call while autograd
+    records, so that training still updates the layers' own parameters."""
+
+    def __init__(self, *linears: nn.Linear):
+        self._linears = linears
+        self._key: tuple | None = None
+        self._weight: torch.Tensor | None = None
+
+    def get(self) -> torch.Tensor:
+        weights = [linear.weight for linear in self._linears]
+        if torch.is_grad_enabled():
+            return torch.cat(weights)
+        key = tuple((w.data_ptr(), w._version) for w in weights)
+        if key != self._key:
+            self._weight, self._key = torch.cat(weights), key
+        return self._weight
 
 
 class RMSNorm(nn.Module):
@@ -114,7 +136,8 @@ class RMSNorm(nn.Module):
 
 
 class Attention(nn.Module):
-    """Multi-head attention with grouped KV heads, RoPE and an optional cache (no biases, as Llama)."""
+    """Multi-head attention with grouped KV heads, RoPE and an optional cache (no biases, as Llama).
+    q, k and v run as one matmul (FusedWeight) and q and k are rotated together."""
 
     def __init__(self, hidden_size: int, num_heads: int, num_kv_heads: int):
         super().__init__()
@@ -124,6 +147,7 @@ class Attention(nn.Module):
         self.k_proj = nn.Linear(hidden_size, num_kv_heads * self.head_dim, bias=False)
         self.v_proj = nn.Linear(hidden_size, num_kv_heads * self.head_dim, bias=False)
         self.o_proj = nn.Linear(num_heads * self.head_dim, hidden_size, bias=False)
+        self.qkv = FusedWeight(self.q_proj, self.k_proj, self.v_proj)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: LayerCache | None,
                 mask: torch.Tensor | None, causal: bool, last_only: bool = False) -> torch.Tensor:
@@ -131,30 +155,32 @@ class Attention(nn.Module):
         mask: bool [B or 1, 1, T, S + T] (True = visible) or None; `causal` applies SDPA's own causal
         mask (only without a mask and without cached rows)."""
         batch, length, _ = x.shape
-        key = self.k_proj(x).view(batch, length, self.num_kv_heads, self.head_dim).transpose(1, 2)
-        value = self.v_proj(x).view(batch, length, self.num_kv_heads, self.head_dim).transpose(1, 2)
-        key = rotate(key, cos, sin)
+        heads, kv_heads = self.num_heads, self.num_kv_heads
+        qkv = F.linear(x, self.qkv.get()).view(batch, length, heads + 2 * kv_heads, self.head_dim).transpose(1, 2)
+        query_key = rotate(qkv[:, : heads + kv_heads], cos, sin)
+        query, key, value = query_key[:, :heads], query_key[:, heads:], qkv[:, heads + kv_heads :]
         if last_only:  # every row's key and value, but only the last row's query: it sees all rows
-            x, cos, sin, length, causal = x[:, -1:], cos[-1:], sin[-1:], 1, False
-        query = rotate(self.q_proj(x).view(batch, length, self.num_heads, self.head_dim).transpose(1, 2), cos, sin)
+            query, length, causal = query[:, :, -1:], 1, False
         if cache is not None:
             key, value = cache.append(key, value)
         out = F.scaled_dot_product_attention(query, key, value, attn_mask=mask, is_causal=causal,
-                                             enable_gqa=self.num_heads != self.num_kv_heads)
+                                             enable_gqa=heads != kv_heads)
         return self.o_proj(out.transpose(1, 2).reshape(batch, length, -1))
 
 
 class MLP(nn.Module):
-    """Llama's SwiGLU feed-forward."""
+    """Llama's SwiGLU feed-forward; gate and up run as one matmul (FusedWeight)."""
 
     def __init__(self, hidden_size: int, intermediate_size: int):
         super().__init__()
         self.gate_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
         self.up_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
         self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=False)
+        self.gate_up = FusedWeight(self.gate_proj, self.up_proj)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        gate, up = F.linear(x, self.gate_up.get()).chunk(2, dim=-1)
+        return self.down_proj(F.silu(gate) * up)
 
 
 class DecoderLayer(nn.Module):
