@@ -19,10 +19,11 @@ from pathlib import Path
 
 import grpc
 
+from bench.stack import stack_in_child
 from orchestrator.engine import GenerateRequest
 from orchestrator.public_api import request_to_proto
 from speculum.config import SamplingParams
-from speculum.launcher import LocalStack, StackConfig
+from speculum.launcher import StackConfig
 from speculum.paths import demo_drafter_dir, demo_target_dir
 from speculum.ports import free_port
 from speculum.v1 import speculum_pb2_grpc
@@ -39,8 +40,8 @@ def run_mode(window_ms: float, streams: int, per_stream: int, max_new_tokens: in
     answers: dict[tuple[int, int], tuple[int, ...]] = {}
     tokens = 0
     lock = threading.Lock()
-    with LocalStack(StackConfig(demo_target_dir(), drafter, port=free_port())) as stack:
-        channel = grpc.insecure_channel(stack.address, options=[("grpc.max_send_message_length", 64 << 20)])
+    with stack_in_child(StackConfig(demo_target_dir(), drafter, port=free_port())) as (address, _):
+        channel = grpc.insecure_channel(address, options=[("grpc.max_send_message_length", 64 << 20)])
         stub = speculum_pb2_grpc.SpeculumStub(channel)
 
         def request(s: int, i: int):

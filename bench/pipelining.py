@@ -1,6 +1,6 @@
 """Pipelined vs sequential speculation through the services, and both vs the target alone (issue 8).
 
-One `speculum serve` stack (verifier pinned to core 0, drafter to core 1); each request runs in
+One `speculum serve` stack in a child process (verifier pinned to core 0, drafter to core 1); each request runs in
 three modes in a rotating order through the public gRPC API: target alone (speculation off),
 sequential speculation, pipelined speculation. Greedy, image prompts from the shipped samples.
 Reports median tokens/s per mode, the pipelined/sequential ratio (target >= 1.3x) and the speedup
@@ -18,10 +18,11 @@ from pathlib import Path
 
 import grpc
 
+from bench.stack import stack_in_child
 from orchestrator.engine import GenerateRequest
 from orchestrator.public_api import request_to_proto
 from speculum.config import SamplingParams, SpeculationParams
-from speculum.launcher import LocalStack, StackConfig
+from speculum.launcher import StackConfig
 from speculum.paths import demo_drafter_dir, demo_target_dir
 from speculum.ports import free_port
 from speculum.v1 import speculum_pb2_grpc
@@ -49,8 +50,8 @@ def main() -> None:
     speculations = modes(args.draft_length)
     rates = {name: [] for name in speculations}
     same = True
-    with LocalStack(StackConfig(demo_target_dir(), args.drafter, port=free_port())) as stack:
-        stub = speculum_pb2_grpc.SpeculumStub(grpc.insecure_channel(stack.address))
+    with stack_in_child(StackConfig(demo_target_dir(), args.drafter, port=free_port())) as (address, _):
+        stub = speculum_pb2_grpc.SpeculumStub(grpc.insecure_channel(address))
         sampling = SamplingParams(max_new_tokens=args.max_new_tokens)
         for i in range(args.requests + 1):  # the first round warms every mode up and is not counted
             image = samples[i % len(samples)].read_bytes()

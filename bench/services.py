@@ -1,6 +1,7 @@
 """The split stack vs the in-process engine, side by side in one run (issue targets in the table).
 
-Through the services: `speculum serve`'s stack, verifier pinned to core 0 and drafter to core 1.
+Through the services: `speculum serve`'s stack (started in a child process: Ray's driver threads must
+not share this process with the in-process engine), verifier pinned to core 0 and drafter to core 1.
 In-process: the same target and drafter in this process, one torch thread, pinned to core 0.
 Requests alternate between the two. Reports tokens/s of each, their ratio (target >= 0.85), the
 per-round overhead of the split in ms, and time to first token for a cached image vs a new one
@@ -15,19 +16,22 @@ import json
 import os
 import statistics
 import tempfile
+import urllib.request
 from pathlib import Path
 
 import grpc
 import numpy as np
 import torch
 from PIL import Image
+from prometheus_client.parser import text_string_to_metric_families
 from transformers.utils import logging as hf_logging
 
+from bench.stack import stack_in_child
 from draft_service.registry import load_drafter
 from orchestrator.engine import Engine, GenerateRequest
 from orchestrator.public_api import request_to_proto
 from speculum.config import SamplingParams, SpeculationParams
-from speculum.launcher import LocalStack, StackConfig
+from speculum.launcher import StackConfig
 from speculum.paths import demo_drafter_dir, demo_target_dir
 from speculum.ports import free_port
 from speculum.tiny import STANDIN_TARGET, save_tiny_checkpoint
@@ -49,18 +53,44 @@ def _images(count: int, seed: int = 0) -> list[bytes]:
     return [_image(seed + i) for i in range(count)]
 
 
+def _scrape(port: int) -> dict[tuple[str, frozenset], float]:
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as response:
+        text = response.read().decode()
+    return {(sample.name, frozenset(sample.labels.items())): sample.value
+            for family in text_string_to_metric_families(text) for sample in family.samples}
+
+
+def _round_breakdown(before: dict, after: dict) -> dict:
+    """Mean ms of a round's two calls as the orchestrator saw them, and the verifier's own handling
+    time of a Verify (the difference is transport, (de)serialization and scheduling)."""
+
+    def mean_ms(part: str, name: str, labels: dict | None = None) -> float:
+        key = frozenset((labels or {}).items())
+        total = after[part].get((f"{name}_sum", key), 0.0) - before[part].get((f"{name}_sum", key), 0.0)
+        count = after[part].get((f"{name}_count", key), 0.0) - before[part].get((f"{name}_count", key), 0.0)
+        return 1000 * total / count if count else float("nan")
+
+    verify_labels = {"grpc_service": "speculum.v1.Verifier", "grpc_method": "Verify", "grpc_code": "OK"}
+    return {
+        "draft_round_ms": mean_ms("orchestrator", "speculum_draft_round_seconds"),
+        "verify_round_ms": mean_ms("orchestrator", "speculum_verify_round_seconds"),
+        "verify_handling_ms": mean_ms("verify", "grpc_server_handling_seconds", verify_labels),
+    }
+
+
 def run(target_dir: Path, drafter: str, requests: int, max_new_tokens: int) -> dict:
-    os.sched_setaffinity(0, {0})
-    torch.set_num_threads(1)
-    engine = Engine.from_pretrained(target_dir)
-    engine.drafter = load_drafter(drafter, engine.target.vocab_size)
-    sampling = SamplingParams(max_new_tokens=max_new_tokens)
-    image = _images(1)[0]
     rows = {"in_process": [], "services": []}
-    with LocalStack(StackConfig(target_dir, drafter, port=free_port())) as stack:
-        stub = speculum_pb2_grpc.SpeculumStub(grpc.insecure_channel(stack.address))
+    with stack_in_child(StackConfig(target_dir, drafter, port=free_port())) as (address, metrics_ports):
+        os.sched_setaffinity(0, {0})  # after the child started: it must not inherit core 0 only
+        torch.set_num_threads(1)
+        engine = Engine.from_pretrained(target_dir)
+        engine.drafter = load_drafter(drafter, engine.target.vocab_size)
+        sampling = SamplingParams(max_new_tokens=max_new_tokens)
+        image = _images(1)[0]
+        stub = speculum_pb2_grpc.SpeculumStub(grpc.insecure_channel(address))
         warm = GenerateRequest(PROMPTS[0], [image], sampling)
         engine.generate(warm), stub.Generate(request_to_proto(warm), timeout=300)
+        before = {part: _scrape(port) for part, port in metrics_ports.items()}
         for index in range(requests):
             request = GenerateRequest(PROMPTS[index % len(PROMPTS)], [image], sampling, SpeculationParams())
             local = engine.generate(request)
@@ -70,6 +100,7 @@ def run(target_dir: Path, drafter: str, requests: int, max_new_tokens: int) -> d
                                        local.stats.target_forwards))
             rows["services"].append((len(remote.token_ids), remote.timing.ttft_s + remote.timing.decode_s,
                                      remote.speculation.target_forwards))
+        rounds = _round_breakdown(before, {part: _scrape(port) for part, port in metrics_ports.items()})
         ttft = {"uncached": [], "cached": []}
         for index in range(requests):
             fresh = _image(1000 + index)  # never seen: the encoder runs
@@ -90,6 +121,7 @@ def run(target_dir: Path, drafter: str, requests: int, max_new_tokens: int) -> d
         "services_tokens_per_s": tokens_per_s("services"),
         "services_over_in_process": tokens_per_s("services") / tokens_per_s("in_process"),
         "overhead_ms_per_round": overhead_ms,
+        **rounds,
         "ttft_uncached_ms": statistics.median(ttft["uncached"]) * 1000,
         "ttft_cached_ms": statistics.median(ttft["cached"]) * 1000,
         "ttft_cached_over_uncached": statistics.median(ttft["cached"]) / statistics.median(ttft["uncached"]),
@@ -116,8 +148,11 @@ def main() -> None:
           f"{args.max_new_tokens}, {args.requests} image requests interleaved; verifier core 0, drafter core 1")
     print(f"  tokens/s in-process {report['in_process_tokens_per_s']:.1f}, through services "
           f"{report['services_tokens_per_s']:.1f}: ratio {report['services_over_in_process']:.2f} (target >= 0.85)")
-    print(f"  split overhead per round: {report['overhead_ms_per_round']:.1f} ms")
-    print(f"  TTFT uncached image {report['ttft_uncached_ms']:.1f} ms, cached {report['ttft_cached_ms']:.1f} ms: "
+    print(f"  split overhead per round: {report['overhead_ms_per_round']:.1f} ms; a round through the services "
+          f"(means): draft {report['draft_round_ms']:.2f} ms, verify {report['verify_round_ms']:.2f} ms, of which "
+          f"the verifier's own handling {report['verify_handling_ms']:.2f} ms")
+    print(f"  TTFT new image (encoder and full prefill run) {report['ttft_uncached_ms']:.1f} ms; same image again "
+          f"(embeddings from the cache, image-prefix rows reused) {report['ttft_cached_ms']:.1f} ms: "
           f"ratio {report['ttft_cached_over_uncached']:.2f} (target <= 0.6)")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({"target": str(target), "drafter": drafter, **report}, indent=2))

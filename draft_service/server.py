@@ -59,9 +59,17 @@ class DrafterServicer(drafter_pb2_grpc.DrafterServicer):
     @mapped
     def DraftRounds(self, request_iterator, context):
         for request in request_iterator:
+            drafted = 0
             for piece in self._round(request):
-                yield drafter_pb2.DraftPiece(block=piece)
-            yield drafter_pb2.DraftPiece(end_of_round=True)
+                drafted += len(piece.tokens)
+                # A piece that fills the round ends it too: one message fewer per round (a drafter
+                # never drafts past max_tokens, and a tree comes as one piece).
+                last = drafted >= request.max_tokens
+                yield drafter_pb2.DraftPiece(block=piece, end_of_round=last)
+                if last:
+                    break
+            else:
+                yield drafter_pb2.DraftPiece(end_of_round=True)
 
     def _round(self, request):
         """Commit the request's `advance`, then the pieces of the next block as protos."""

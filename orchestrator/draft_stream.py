@@ -1,10 +1,10 @@
 """One long-lived DraftRounds stream per draft session: a round is a message, not a new call.
 
 Setting up a gRPC call costs about as much as a small drafter forward on CPU, so the session keeps
-one bidirectional stream: each round writes a DraftRequest and reads pieces until the end-of-round
-marker. A reader thread moves responses into a queue, so a round can wait with a deadline: a
-drafter that stalls past it, or a stream that breaks, fails the round (and the stream) with the
-typed error, exactly as a per-round call would.
+one bidirectional stream: each round writes a DraftRequest and reads pieces until one marked
+end-of-round (the last piece, or a bare marker). A reader thread moves responses into a queue, so a
+round can wait with a deadline: a drafter that stalls past it, or a stream that breaks, fails the
+round (and the stream) with the typed error, exactly as a per-round call would.
 """
 
 from __future__ import annotations
@@ -47,9 +47,10 @@ class DraftRoundStream:
                 raise item
             if item is _ENDED:
                 raise Unavailable("the drafter closed the stream")
+            if item.HasField("block"):
+                yield item.block
             if item.end_of_round:
                 return
-            yield item.block
 
     def close(self) -> None:
         """End the request stream; the drafter finishes the call on its side."""

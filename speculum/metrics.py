@@ -186,6 +186,26 @@ class CacheCollector:
             yield CounterMetricFamily(f"speculum_image_cache_{name}", help_text, value=getattr(stats, name))
 
 
+@dataclass(frozen=True)
+class PrefixCacheCollector:
+    """The verifier's prefix cache counters (`PrefixStats`), read at scrape time."""
+
+    stats: Callable[[], object]
+
+    HELP = {
+        "hits": "Prefills that reused an image prefix's KV rows.",
+        "misses": "Prefills with an image prefix not in the cache.",
+        "stores": "Image prefixes stored.",
+        "evictions": "Prefixes dropped (least recently used) to stay within the budget.",
+        "reused_tokens": "Prompt rows not recomputed thanks to the cache.",
+    }
+
+    def collect(self) -> Iterator[Metric]:
+        stats = self.stats()
+        for name, help_text in self.HELP.items():
+            yield CounterMetricFamily(f"speculum_prefix_cache_{name}", help_text, value=getattr(stats, name))
+
+
 # --- speculation (the orchestrator) -------------------------------------------------------------
 
 

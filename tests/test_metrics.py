@@ -114,6 +114,12 @@ def test_a_request_moves_every_services_counters(services, app):
     assert value(verify, "speculum_sessions_live") == 0
     assert value(verify, "speculum_sessions_opened_total") - value(before["verify"], "speculum_sessions_opened_total") == 2
     assert value(verify, "speculum_sessions_released_total") == value(verify, "speculum_sessions_opened_total")
+    # the second prompt about the image reused the first one's image-prefix rows
+    for name, delta in (("misses", 1), ("hits", 1), ("stores", 1)):
+        metric = f"speculum_prefix_cache_{name}_total"
+        assert value(verify, metric) - value(before["verify"], metric) == delta, metric
+    assert value(verify, "speculum_prefix_cache_reused_tokens_total") > value(
+        before["verify"], "speculum_prefix_cache_reused_tokens_total")
     # the drafter: one DraftRounds stream per draft session (it ends just after the session closes)
     for _ in range(50):
         if handled(draft, "speculum.v1.Drafter", "DraftRounds", "OK") - handled(

@@ -20,7 +20,11 @@ from orchestrator.loop import speculate
 from orchestrator.stopping import StopChecker
 from speculum.config import SamplingParams, SpeculationParams
 from speculum.errors import ResourceExhausted
+from speculum.records import VerifyResult
+from speculum.rejection import NextTokenKind
+from speculum.rpc import convert
 from speculum.rpc.settings import ServerSettings, SessionSettings
+from speculum.v1 import drafter_pb2, drafter_pb2_grpc, session_pb2
 from verify_service import server as verify_server
 
 SETTINGS = ServerSettings(port=0, max_workers=4)
@@ -59,6 +63,44 @@ def test_greedy_through_the_services_equals_the_target(llava_engine, verifier_se
     assert tokens == hf_greedy(llava_engine.target, prompt, 32)
     assert stats.draft_tokens > 0
     assert len(verifier_server.servicer.sessions) == 0 and len(drafter_server.servicer.sessions) == 0
+
+
+def test_repeated_image_reuses_the_verifiers_prefix_rows(llava_engine, verifier_server, drafter_server):
+    """The second prompt about an image prefills only the text after it; output is unchanged."""
+    image = png_bytes(31)
+    before = verifier_server.servicer.prefixes.stats
+    outputs = []
+    for text in ("Describe the image in detail.", "What is in the picture?"):
+        prompt = build_prompt(llava_engine, text, [image])
+        tokens, _ = run(prompt, GrpcVerifier(channel(verifier_server)), GrpcDrafter(channel(drafter_server)))
+        assert tokens == hf_greedy(llava_engine.target, prompt, 32)
+        outputs.append(tokens)
+    after = verifier_server.servicer.prefixes.stats
+    assert after.hits - before.hits >= 1  # the first run may already hit (the module's other drafter)
+    assert after.reused_tokens > before.reused_tokens
+
+
+def test_draft_round_messages_end_on_the_piece_that_fills_the_round(llava_engine, drafter_server):
+    """A round's last piece carries end_of_round (no extra message); a round cut short gets a bare marker."""
+    prompt = build_prompt(llava_engine, "Describe the image in detail.", [png_bytes(2)])
+    stub = drafter_pb2_grpc.DrafterStub(channel(drafter_server))
+    first = VerifyResult(0, (hf_greedy(llava_engine.target, prompt, 1)[0],), NextTokenKind.BONUS)
+    for k in (4, 2):
+        session = f"rounds-{k}"
+        stub.Prefill(drafter_pb2.DrafterPrefillRequest(
+            session_id=session, prompt=convert.prompt_to_proto(prompt),
+            sampling=convert.session_sampling_to_proto(SamplingParams(max_new_tokens=32, seed=0)),
+            first=convert.result_to_proto(first, with_hidden=False)))
+        try:
+            pieces = list(stub.DraftRounds(iter([drafter_pb2.DraftRequest(session_id=session, max_tokens=k)]),
+                                           timeout=30))
+        finally:
+            stub.Release(session_pb2.ReleaseRequest(session_id=session))
+        assert [piece.end_of_round for piece in pieces] == [False] * (len(pieces) - 1) + [True]
+        drafted = sum(len(piece.block.tokens) for piece in pieces)
+        assert drafted <= k
+        # the marker comes alone only when the drafter stopped short of k tokens
+        assert pieces[-1].HasField("block") == (drafted == k)
 
 
 def test_sampling_through_the_services_equals_in_process(llava_engine, verifier_server, drafter_server):

@@ -16,10 +16,11 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from speculum.metrics import SessionCollector
+from speculum.metrics import PrefixCacheCollector, SessionCollector
+from speculum.prefix_cache import PrefixCache
 from speculum.rpc import convert
 from speculum.rpc.server import RunningServer, run_until_signal, start_server
-from speculum.rpc.settings import BatchSettings, ServerSettings, SessionSettings
+from speculum.rpc.settings import BatchSettings, ServerSettings, SessionSettings, prefix_cache_bytes_from_env
 from speculum.rpc.status import mapped
 from speculum.sessions import SessionStore
 from speculum.telemetry import setup_tracing, tracer
@@ -40,8 +41,10 @@ class _Session:
 
 
 class VerifierServicer(verifier_pb2_grpc.VerifierServicer):
-    def __init__(self, model: VisionLanguageModel, sessions: SessionSettings, batch: BatchSettings = BatchSettings()):
+    def __init__(self, model: VisionLanguageModel, sessions: SessionSettings, batch: BatchSettings = BatchSettings(),
+                 prefixes: PrefixCache | None = None):
         self.model = model
+        self.prefixes = PrefixCache() if prefixes is None else prefixes
         self.sessions: SessionStore[_Session] = SessionStore(
             sessions.ttl_s, sessions.max_sessions, evict_when_full=False, close=lambda s: s.target.close()
         )
@@ -53,15 +56,16 @@ class VerifierServicer(verifier_pb2_grpc.VerifierServicer):
     @mapped
     def Prefill(self, request, context):
         sampling = convert.session_sampling_from_proto(request.sampling)
-        session = _Session(TargetSession(self.model, sampling), request.return_hidden)
+        session = _Session(TargetSession(self.model, sampling, self.prefixes), request.return_hidden)
         self.sessions.open(request.session_id, session)
         try:
             with (
                 self.sessions.use(request.session_id) as owned,
                 self._device,
-                tracer().start_as_current_span("speculum.target.prefill"),
+                tracer().start_as_current_span("speculum.target.prefill") as span,
             ):
                 result = owned.target.prefill(convert.prompt_from_proto(request.prompt))
+                span.set_attribute("speculum.reused_prefix_tokens", owned.target.reused_prefix)
         except BaseException:
             self.sessions.release(request.session_id)
             raise
@@ -105,14 +109,14 @@ class VerifierServicer(verifier_pb2_grpc.VerifierServicer):
 
 
 def serve(model: VisionLanguageModel, settings: ServerSettings, sessions: SessionSettings,
-          batch: BatchSettings = BatchSettings()) -> RunningServer:
-    servicer = VerifierServicer(model, sessions, batch)
+          batch: BatchSettings = BatchSettings(), prefixes: PrefixCache | None = None) -> RunningServer:
+    servicer = VerifierServicer(model, sessions, batch, prefixes)
     running = start_server(
         settings,
         [lambda server: verifier_pb2_grpc.add_VerifierServicer_to_server(servicer, server)],
         [SERVICE_NAME],
         servicer,
-        collectors=[SessionCollector(servicer.sessions)],
+        collectors=[SessionCollector(servicer.sessions), PrefixCacheCollector(lambda: servicer.prefixes.stats)],
     )
     return running
 
@@ -129,7 +133,7 @@ def main(argv: list[str] | None = None) -> None:
     pin_from_env("VERIFY")
     settings = ServerSettings.from_env("VERIFY", DEFAULT_PORT)
     running = serve(VisionLanguageModel.from_pretrained(args.target), settings, SessionSettings.from_env("VERIFY"),
-                    BatchSettings.from_env())
+                    BatchSettings.from_env(), PrefixCache(prefix_cache_bytes_from_env()))
     logging.getLogger("speculum.verify").info("ready port=%d", running.port)
     run_until_signal(running, settings.grace_s)
 

@@ -13,6 +13,7 @@ import torch
 from speculum import kv_cache, tree
 from speculum.config import SamplingParams
 from speculum.errors import InvalidArgument
+from speculum.prefix_cache import PrefixCache, image_prefix_length, prefix_key, restore
 from speculum.records import DraftBlock, PromptInputs, VerifyResult
 from speculum.rejection import Verdict, verify_greedy, verify_sampling, verify_tree_greedy, verify_tree_sampling
 from speculum.sampling import probs_from_logits
@@ -20,15 +21,17 @@ from speculum.vlm import ModelStep, VisionLanguageModel
 
 
 class TargetSession:
-    """The target's side of one request."""
+    """The target's side of one request. `prefixes`: rows of earlier prompts' image prefixes to reuse."""
 
-    def __init__(self, model: VisionLanguageModel, sampling: SamplingParams):
+    def __init__(self, model: VisionLanguageModel, sampling: SamplingParams, prefixes: PrefixCache | None = None):
         assert sampling.seed is not None, "resolve the seed first (SamplingParams.with_seed)"
         self.model = model
         self.sampling = sampling
         self.cache = model.new_cache()
         self._generator = torch.Generator().manual_seed(sampling.seed)
         self._pending: int | None = None
+        self._prefixes = prefixes if prefixes is not None and prefixes.enabled else None
+        self.reused_prefix = 0  # prompt rows the prefill took from the prefix cache
 
     @property
     def cache_length(self) -> int:
@@ -42,11 +45,29 @@ class TargetSession:
             visual = self.model.encode_images(prompt.pixel_values)
         if visual is not None and not self.model.is_multimodal:
             raise InvalidArgument("images", "this target is text-only and takes no images")
-        embeds = self.model.embed(self.model.expand_image_tokens(prompt.token_ids), visual)
-        step = self.model.forward(self.cache, inputs_embeds=embeds, logits_for_last=1)
-        verdict = self._judge(DraftBlock(()), step.logits)
+        expanded = self.model.expand_image_tokens(prompt.token_ids)
+        embeds = self.model.embed(expanded, visual)
+        logits, hidden = self._prefill_rows(embeds, image_prefix_length(expanded, self.model.image_token_id))
+        verdict = self._judge(DraftBlock(()), logits)
         self._pending = verdict.next_token
-        return VerifyResult(0, (verdict.next_token,), verdict.next_kind, step.hidden)
+        return VerifyResult(0, (verdict.next_token,), verdict.next_kind, hidden)
+
+    def _prefill_rows(self, embeds: torch.Tensor, prefix: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Fill the cache with `embeds` [1, P, D], the first `prefix` rows from the prefix cache when
+        they are there (else stored for the next request). -> (last row's logits [1, V], hidden [P, D])."""
+        key = prefix_key(embeds[:, :prefix]) if self._prefixes is not None and prefix else None
+        entry = None if key is None else self._prefixes.lookup(key)
+        if entry is not None:
+            restore(self.cache, entry)
+            step = self.model.forward(self.cache, inputs_embeds=embeds[:, prefix:], logits_for_last=1)
+            self.reused_prefix = prefix
+            hidden = torch.cat([entry.hidden.to(step.hidden.device), step.hidden])
+        else:
+            step = self.model.forward(self.cache, inputs_embeds=embeds, logits_for_last=1)
+            hidden = step.hidden
+            if key is not None:
+                self._prefixes.store(key, self.cache, hidden, prefix)
+        return step.logits, hidden
 
     def verify(self, block: DraftBlock) -> VerifyResult:
         """Check `block` in one forward pass; the cache ends at the pending token's predecessor."""
@@ -111,8 +132,9 @@ def verify_batch(sessions: list[TargetSession], blocks: list[DraftBlock]) -> lis
 class InProcessVerifier:
     """The Verifier protocol over a model in this process."""
 
-    def __init__(self, model: VisionLanguageModel):
+    def __init__(self, model: VisionLanguageModel, prefixes: PrefixCache | None = None):
         self.model = model
+        self.prefixes = PrefixCache() if prefixes is None else prefixes
 
     def open(self, sampling: SamplingParams, return_features: bool = False) -> TargetSession:
-        return TargetSession(self.model, sampling)  # in-process, features cost nothing to pass
+        return TargetSession(self.model, sampling, self.prefixes)  # in-process, features cost nothing to pass

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 
+from speculum.prefix_cache import DEFAULT_MAX_BYTES as DEFAULT_PREFIX_CACHE_BYTES
 from speculum.tree import TreeShape
 
 
@@ -181,3 +182,12 @@ class BatchSettings:
     def from_env(cls) -> BatchSettings:
         """SPECULUM_VERIFY_BATCH_WINDOW_MS (default 0: off) and SPECULUM_VERIFY_MAX_BATCH (default 16)."""
         return cls(_float("SPECULUM_VERIFY_BATCH_WINDOW_MS", 0.0) / 1000, _int("SPECULUM_VERIFY_MAX_BATCH", 16))
+
+
+def prefix_cache_bytes_from_env() -> int:
+    """SPECULUM_VERIFY_PREFIX_CACHE_MB: the verifier's budget for reusable image-prefix KV rows
+    (speculum.prefix_cache; default 256, 0 = off)."""
+    megabytes = _float("SPECULUM_VERIFY_PREFIX_CACHE_MB", DEFAULT_PREFIX_CACHE_BYTES / 2**20)
+    if megabytes < 0:
+        raise ValueError("SPECULUM_VERIFY_PREFIX_CACHE_MB must be >= 0")
+    return int(megabytes * 2**20)
