@@ -30,6 +30,7 @@ class VlmDraftSession:
         self._generator = torch.Generator().manual_seed((sampling.seed + DRAFTER_SEED_OFFSET) % 2**63)
         self.cached: list[int] = []  # the (expanded) token ids whose keys/values are in the cache
         self.committed: list[int] = []  # the (expanded) prompt plus every emitted token
+        self._settled = 0  # cached[:_settled] == committed[:_settled]
 
     def prefill(self, prompt: PromptInputs, first: VerifyResult) -> None:
         visual = None
@@ -41,8 +42,10 @@ class VlmDraftSession:
         self.model.forward(self.cache, inputs_embeds=self.model.embed(prompt_ids, visual), logits_for_last=1)
         self.cached = list(prompt_ids)
         self.committed = [*prompt_ids, *first.tokens]
+        self._settled = len(prompt_ids)
 
     def propose(self, max_tokens: int, assume: Sequence[int] = ()) -> Iterator[DraftBlock]:
+        self._drop_unsettled()  # a round drafted but never settled (no advance since) is redone
         feed = [*self.committed[len(self.cached) :], *assume]
         for _ in range(max_tokens):
             logits = self.model.forward(self.cache, feed, logits_for_last=1).logits[-1]  # [V]
@@ -56,13 +59,20 @@ class VlmDraftSession:
             feed = [token]
 
     def advance(self, result: VerifyResult) -> None:
-        # Invariant: `cached` is a prefix of `committed` followed by this round's assumed and drafted tokens.
-        valid = min(len(self.cached), len(self.committed))
         self.committed.extend(result.tokens)
-        while valid < len(self.cached) and self.cached[valid] == self.committed[valid]:
+        self._drop_unsettled()
+
+    def _drop_unsettled(self) -> None:
+        """Keep the cache's rows only as far as they match `committed` (drafted rows the verifier
+        accepted stay), never the last committed token: the next round feeds it. `cached` always
+        extends the first `_settled` tokens of `committed`."""
+        valid = self._settled
+        limit = min(len(self.cached), len(self.committed) - 1)
+        while valid < limit and self.cached[valid] == self.committed[valid]:
             valid += 1
         kv_cache.truncate(self.cache, valid)
         del self.cached[valid:]
+        self._settled = valid
 
     def close(self) -> None:
         self.cache = None

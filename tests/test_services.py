@@ -103,6 +103,20 @@ def test_draft_round_messages_end_on_the_piece_that_fills_the_round(llava_engine
         assert pieces[-1].HasField("block") == (drafted == k)
 
 
+def test_a_round_redrafted_without_advance_is_the_same_round(llava_engine, small_llava_drafter_model):
+    """Proposing again before any advance (a client that dropped a round) redoes that round instead of
+    failing on an empty feed; advancing afterwards still keeps the cache consistent."""
+    prompt = build_prompt(llava_engine, "Describe the image in detail.", [png_bytes(2)])
+    oracle = hf_greedy(small_llava_drafter_model, prompt, 9)
+    session = VlmDrafter(small_llava_drafter_model).open(SamplingParams(max_new_tokens=16, seed=0))
+    session.prefill(prompt, VerifyResult(0, (oracle[0],), NextTokenKind.BONUS))
+    first = [t for block in session.propose(4) for t in block.tokens]
+    again = [t for block in session.propose(4) for t in block.tokens]
+    assert first == again == oracle[1:5]
+    session.advance(VerifyResult(4, (*oracle[1:5], oracle[5]), NextTokenKind.BONUS))
+    assert [t for block in session.propose(3) for t in block.tokens] == oracle[6:9]
+
+
 def test_sampling_through_the_services_equals_in_process(llava_engine, verifier_server, drafter_server):
     prompt = build_prompt(llava_engine, "Say something.", [])
     remote, _ = run(prompt, GrpcVerifier(channel(verifier_server)), GrpcDrafter(channel(drafter_server)),
