@@ -30,7 +30,7 @@ class Variant:
 
 VARIANTS = (
     # The "language-only draft" baseline: no decoupling, no compression, trained on text alone.
-    Variant("eagle-text", ("--no-decouple", "--image-samples", "0", "--text-samples", "600")),
+    Variant("eagle-text", ("--drop-visual", "--image-samples", "0", "--text-samples", "600")),
     Variant("msd", ()),  # MSD: decoupled visual positions, two-stage curriculum
     Variant("msd-flash", ("--compress",)),  # + FLASH latent compression
     Variant("msd-flash-sar4", ("--compress", "--semi-ar-k", "4"), tree=True),  # + semi-autoregressive head

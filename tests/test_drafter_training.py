@@ -59,6 +59,18 @@ def test_micro_training_run_and_resume(tmp_path, llava_dir, llava_engine):
         torch.testing.assert_close(full[name], cont[name], atol=1e-5, rtol=1e-4)
 
 
+def test_language_only_run_trains_without_the_image_rows(tmp_path, llava_dir):
+    """--drop-visual (the language-only baseline) trains and evaluates on image data too."""
+    flags = list(TINY_RUN)
+    flags.remove("--compress")
+    del flags[flags.index("--latents") : flags.index("--latents") + 2]
+    summary = main(["--target", str(llava_dir), "--out", str(tmp_path / "drafter"), "--run-dir", str(tmp_path / "run"),
+                    "--seed", "1", *flags, "--drop-visual", "--stop-after", "3"])
+    config = FeatureDrafter.from_pretrained(tmp_path / "drafter", llava_dir).model.config
+    assert config.drop_visual and not config.decouple_visual and not config.compress_visual
+    assert summary["heldout"]["image"]["tau"] >= 1.0
+
+
 def test_batches_are_a_function_of_seed_and_step(tmp_path):
     from draft_service.training.demo_data import FeaturePools
 

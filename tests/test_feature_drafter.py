@@ -40,7 +40,7 @@ SMALL = dict(num_heads=4, num_kv_heads=2, intermediate_size=128, num_latents=4, 
 SWITCHES = {
     f"decouple{int(d)}-compress{int(c)}-k{k}": dict(decouple_visual=d, compress_visual=c, semi_ar_k=k)
     for d, c, k in itertools.product((True, False), (False, True), (1, 3))
-}
+} | {"language-only-k3": dict(decouple_visual=False, drop_visual=True, semi_ar_k=3)}
 
 
 def drafter_for(llava_dir, engine, seed: int = 0, **switches) -> FeatureDrafter:
@@ -141,6 +141,18 @@ def test_compression_shortens_the_drafter_context(llava_dir, llava_engine, promp
     facts = llava_engine.target.facts
     assert lengths[False] == len(facts.expand_image_tokens(prompt.token_ids))
     assert lengths[False] - lengths[True] == facts.num_image_tokens - SMALL["num_latents"]
+
+
+def test_language_only_drafter_leaves_the_image_out(llava_dir, llava_engine, prompts):
+    prompt, _ = prompts["image"]
+    first = TargetSession(llava_engine.target, SamplingParams(seed=0)).prefill(prompt)
+    session = drafter_for(llava_dir, llava_engine, decouple_visual=False, drop_visual=True).open(SamplingParams(seed=0))
+    session.prefill(prompt, first)
+    session.sync()
+    facts = llava_engine.target.facts
+    assert session.real_length == len(facts.expand_image_tokens(prompt.token_ids)) - facts.num_image_tokens
+    with pytest.raises(ValueError, match="drop_visual"):
+        drafter_for(llava_dir, llava_engine, decouple_visual=True, drop_visual=True)
 
 
 def test_encoder_latents_are_used_when_present(llava_dir, llava_engine, prompts):

@@ -44,6 +44,9 @@ class FeatureDrafterConfig:
         encoder produces, so it can run there), else the target's hidden states at the visual
         positions (FLASH's latent-aware variant; needs the target's prefill features).
     num_latents: C, latents per image when compressing.
+    drop_visual: language-only drafting (Gagrani et al.'s "language-only draft"): image positions are
+        left out of the drafter's context; the target's features at the text after them still carry
+        what the target saw. Excludes decouple_visual and compress_visual.
     semi_ar_k: FLASH semi-autoregressive head: one forward predicts this many next features
         (1 = plain autoregressive drafting).
     semi_ar_hidden: width of the semi-AR head's MLP.
@@ -61,6 +64,7 @@ class FeatureDrafterConfig:
     num_latents: int = 8
     semi_ar_k: int = 1
     semi_ar_hidden: int = 512
+    drop_visual: bool = False
 
     def __post_init__(self) -> None:
         if self.target.hidden_size % self.num_heads or self.num_heads % self.num_kv_heads:
@@ -69,6 +73,8 @@ class FeatureDrafterConfig:
             raise ValueError("num_latents, semi_ar_k and semi_ar_hidden must be positive")
         if self.intermediate_size < 1 or self.max_positions < 1:
             raise ValueError("intermediate_size and max_positions must be positive")
+        if self.drop_visual and (self.decouple_visual or self.compress_visual):
+            raise ValueError("drop_visual leaves images out: it excludes decouple_visual and compress_visual")
 
     @property
     def hidden_size(self) -> int:

@@ -3,7 +3,8 @@
 decouple + compress: latents of the projected visual embeddings (from the vision encoder when it
 ran our compressor, else computed here) · compress alone: latents of the target's hidden states at
 the visual positions (FLASH's latent-aware variant) · decouple alone: the visual embeddings
-themselves (MSD) · neither: None, the fused rows stay (EAGLE / FLASH baseline).
+themselves (MSD) · neither: None, the fused rows stay (EAGLE / FLASH baseline) · drop: no rows at
+all (language-only drafting).
 """
 
 from __future__ import annotations
@@ -27,6 +28,8 @@ def direct_visual_rows(
     hidden states at the visual positions · latents: [I, C, D] from the vision encoder, or None.
     """
     config: FeatureDrafterConfig = model.config
+    if config.drop_visual:
+        return _required(slot_hidden)[:, :0]  # [I, 0, D]: each image's rows replaced by none
     if config.compress_visual and config.decouple_visual:
         if latents is not None:
             if latents.shape[1:] != (config.num_latents, config.hidden_size):

@@ -11,8 +11,8 @@ records (a seeded draw) are held out for the acceptance evaluation; the others t
 --text-samples / --image-samples of them. The first human turn is the prompt (through the target's
 chat template), the next gpt turn the dataset answer, used with `--answers dataset`; with the
 default `--answers self` the target answers the file's prompts itself. `--image-samples 0` trains
-a text-only drafter (with `--no-decouple`: the "language-only draft" baseline); its held-out
-evaluation still reports image τ. Formats and errors: draft_service/training/local_data.py.
+a text-only drafter (with `--drop-visual`, image positions are left out of its context when it
+serves: the "language-only draft" baseline); its held-out evaluation still reports image τ. Formats and errors: draft_service/training/local_data.py.
 """
 
 from __future__ import annotations
@@ -77,6 +77,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--intermediate", type=int, default=768)
     p.add_argument("--no-decouple", action="store_true", help="fuse visual positions like text (no MSD)")
     p.add_argument("--compress", action="store_true", help="FLASH latent compression of visual positions")
+    p.add_argument("--drop-visual", action="store_true",
+                   help="leave image positions out of the drafter's context (language-only draft; implies --no-decouple)")
     p.add_argument("--latents", type=int, default=8, help="C latents per image when compressing")
     p.add_argument("--semi-ar-k", type=int, default=1, help="features predicted per drafter forward")
     p.add_argument("--stop-after", type=int, default=None, help="train at most this many steps now (resume later)")
@@ -151,7 +153,8 @@ def run(args: argparse.Namespace, argv: list[str] | None) -> dict:
         return summary
     model = new_model(ref, load_target_parts(target_dir), seed=args.seed, num_heads=args.heads,
                       num_kv_heads=args.kv_heads, intermediate_size=args.intermediate,
-                      decouple_visual=not args.no_decouple, compress_visual=args.compress,
+                      decouple_visual=not (args.no_decouple or args.drop_visual), compress_visual=args.compress,
+                      drop_visual=args.drop_visual,
                       num_latents=args.latents, semi_ar_k=args.semi_ar_k)
     result = Trainer(model, target.facts, pools, optim, run_dir, progress=not args.quiet).run(args.stop_after)
     final = result.evaluations[-1]
