@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from demo_world.config import ASSISTANT, FULL, MICRO, RecipeConfig
+from demo_world.config import ASSISTANT, FULL, LOOKUP_PROPOSAL, MICRO, RecipeConfig
 from demo_world.data import build_tokenizer, prompt_ids
 from demo_world.evaluate import FACT_KINDS, evaluate, load_target
 from demo_world.model import build_image_processor, build_model, save_target
@@ -25,7 +25,7 @@ from demo_world.scenes import render, scene_for_seed
 from demo_world.tasks import DESCRIBE_PROMPTS
 from demo_world.train import train
 
-PRESETS = {"full": FULL, "micro": MICRO, "assistant": ASSISTANT}
+PRESETS = {"full": FULL, "micro": MICRO, "assistant": ASSISTANT, "lookup-proposal": LOOKUP_PROPOSAL}
 SAMPLE_SEEDS = (101, 202, 303, 404, 505, 606)
 
 
