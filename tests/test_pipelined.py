@@ -118,11 +118,39 @@ def test_pipelined_through_the_services(llava_engine, small_llava_drafter_model)
                   GrpcDrafter(grpc.insecure_channel(drafter.address)))
         chunks = list(speculate(prompt, SamplingParams(max_new_tokens=MAX_NEW), PIPELINED, *remote,
                                 StopChecker(MAX_NEW, frozenset())))
-        assert [t for c in chunks for t in c.token_ids] == hf_greedy(llava_engine.target, prompt, MAX_NEW)
+        reference = hf_greedy(llava_engine.target, prompt, MAX_NEW)
+        assert [t for c in chunks for t in c.token_ids] == reference
         assert len(verifier.servicer.sessions) == 0 and len(drafter.servicer.sessions) == 0
+        # Unset `pipelined` means pipelined for a drafter service: a drafter that is always right
+        # (so every look-ahead is kept) shows whether rounds were drafted ahead.
+        scripted = draft_server.serve(ScriptedDrafter(reference, None, llava_engine.target.vocab_size), settings,
+                                      sessions)
+        try:
+            ahead = {}
+            for name, speculation in (("default", SpeculationParams(num_draft_tokens=3)),
+                                      ("off", SpeculationParams(num_draft_tokens=3, pipelined=False))):
+                chunks = list(speculate(prompt, SamplingParams(max_new_tokens=MAX_NEW), speculation, remote[0],
+                                        GrpcDrafter(grpc.insecure_channel(scripted.address)),
+                                        StopChecker(MAX_NEW, frozenset())))
+                assert [t for c in chunks for t in c.token_ids] == reference, name
+                ahead[name] = chunks[-1].stats.drafted_ahead
+            assert ahead["off"] == 0 and ahead["default"] > 0, ahead
+        finally:
+            scripted.stop()
     finally:
         verifier.stop()
         drafter.stop()
+
+
+def test_in_process_default_is_sequential(llava_engine):
+    """Unset `pipelined` in-process: one thread would only interleave drafting and verifying."""
+    prompt = build_prompt(llava_engine, "Hi")
+    reference = hf_greedy(llava_engine.target, prompt, MAX_NEW)
+    drafter = ScriptedDrafter(reference, None, llava_engine.target.vocab_size)
+    chunks = list(speculate(prompt, SamplingParams(max_new_tokens=MAX_NEW), SpeculationParams(num_draft_tokens=3),
+                            llava_engine.verifier, drafter, StopChecker(MAX_NEW, frozenset())))
+    assert [t for c in chunks for t in c.token_ids] == reference
+    assert chunks[-1].stats.drafted_ahead == 0
 
 
 def test_the_metered_wrappers_of_the_serve_replica_pass_the_look_ahead_through(llava_engine):

@@ -58,9 +58,8 @@ class FeatureDraftSession:
 
     @torch.inference_mode()
     def propose(self, max_tokens: int, assume: Sequence[int] = ()) -> Iterator[DraftBlock]:
+        # Drafting ahead (pipelined) drafts the full length too: it runs while the verifier works.
         features = self._assume(self.sync(), assume)
-        if assume and len(features) > 1:  # drafting ahead: only what the assume pass predicts for free
-            max_tokens = min(max_tokens, len(features))
         if self.tree_shape is not None and max_tokens > 0:
             yield self._propose_tree(features, max_tokens)
             return
