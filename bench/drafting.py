@@ -109,6 +109,10 @@ def build_methods(engine: Engine, target_dir: Path, args: argparse.Namespace) ->
     methods.append(EngineMethod("shipped", engine, shipped, k))
     methods.append(EngineMethod("shipped+adaptive", engine, shipped, k, adaptive=True))  # K per round <= k
     methods.append(EngineMethod("shipped+tree", engine, FeatureDrafter(shipped.model, shipped.facts, tree_shape), tree_k))
+    if args.long_draft_length:  # a semi-AR drafter drafts k tokens per pass: two passes per round
+        long_k = args.long_draft_length
+        methods.append(EngineMethod(f"shipped K={long_k}", engine, shipped, long_k))
+        methods.append(EngineMethod(f"shipped+adaptive K<={long_k}", engine, shipped, long_k, adaptive=True))
     return methods, missing
 
 
@@ -142,7 +146,8 @@ def run_group(methods: list, group: list[GenerateRequest], repeats: int) -> dict
 
 def markdown(results: dict, settings: dict, missing: dict[str, str]) -> str:
     lines = [f"Measured {settings['date']} on {settings['cpus']} CPUs, 1 torch thread, K = {settings['draft_length']} "
-             f"(trees: depth {settings['tree_depth']}, width {settings['tree'][0]}, {settings['tree'][1]} nodes), "
+             f"unless a row names its K (trees: depth {settings['tree_depth']}, width {settings['tree'][0]}, "
+             f"{settings['tree'][1]} nodes), "
              f"max {settings['max_new_tokens']} new tokens, {settings['repeats']} repeat(s), interleaved, medians.", ""]
     for group, cells in results.items():
         lines += [f"**{group}**", "", "| method | τ | tokens/s | speedup | differs from target |", "|---|---|---|---|---|"]
@@ -167,6 +172,8 @@ def main() -> None:
     parser.add_argument("--prompts", type=int, default=None, help="prompts per group")
     parser.add_argument("--max-new-tokens", type=int, default=None)
     parser.add_argument("--draft-length", type=int, default=4)
+    parser.add_argument("--long-draft-length", type=int, default=8,
+                        help="also run the shipped drafter with this K (0: skip)")
     parser.add_argument("--tree-depth", type=int, default=5)
     parser.add_argument("--tree", type=int, nargs=2, default=(2, 6), metavar=("WIDTH", "NODES"))
     parser.add_argument("--out-dir", type=Path, default=Path("runs/bench"))
@@ -188,6 +195,7 @@ def main() -> None:
         cells = run_group(methods, requests(kind, prompts, temperature, max_new), repeats)
         results[name] = {method: cell.summary() for method, cell in cells.items()}
     settings = {"date": datetime.date.today().isoformat(), "cpus": os.cpu_count(), "draft_length": args.draft_length,
+                "long_draft_length": args.long_draft_length,
                 "tree_depth": args.tree_depth, "tree": list(args.tree), "max_new_tokens": max_new, "repeats": repeats,
                 "prompts_per_group": prompts, "quick": args.quick, "target": str(target_dir)}
     args.out_dir.mkdir(parents=True, exist_ok=True)
