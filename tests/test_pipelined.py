@@ -137,6 +137,14 @@ def test_pipelined_through_the_services(llava_engine, small_llava_drafter_model)
             assert ahead["off"] == 0 and ahead["default"] > 0, ahead
         finally:
             scripted.stop()
+        # A seeded sample is reproducible in the (default) pipelined mode too.
+        runs = [list(speculate(prompt, SamplingParams(max_new_tokens=MAX_NEW, temperature=0.9, seed=11),
+                               SpeculationParams(num_draft_tokens=3), *remote, StopChecker(MAX_NEW, frozenset())))
+                for _ in range(2)]
+        first, second = ([t for c in chunks for t in c.token_ids] for chunks in runs)
+        counts = [(s.target_forwards, s.draft_tokens, s.accepted_tokens, s.drafted_ahead)
+                  for s in (chunks[-1].stats for chunks in runs)]
+        assert first == second and counts[0] == counts[1]
     finally:
         verifier.stop()
         drafter.stop()
