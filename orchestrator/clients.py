@@ -196,8 +196,6 @@ class GrpcDrafter:
     While the breaker is open, `open` fails at once and the request decodes without drafts.
     """
 
-    drafts_apart = True  # a separate service: pipelined speculation overlaps its drafts with verification
-
     def __init__(self, channel: grpc.Channel, timeout_s: float = 10.0, round_deadline_s: float = 1.0,
                  breaker: BreakerSettings = BreakerSettings()):
         self._stub = drafter_pb2_grpc.DrafterStub(channel)

@@ -282,10 +282,7 @@ def speculate(
     transcript = Transcript(prompt, keep_hidden=features)
     target = ResumableTarget(verifier, sampling, features, transcript, resume_within_s)
     draft = GuardedDraft(drafter, sampling, transcript)
-    pipelined = speculation.pipelined
-    if pipelined is None:  # the faster mode: only a drafter on its own device drafts during verification
-        pipelined = drafter is not None and getattr(drafter, "drafts_apart", False)
-    lookahead = Lookahead(draft, enabled=pipelined)
+    lookahead = Lookahead(draft, enabled=speculation.pipelined)
     lengths = draft_length.for_request(speculation, draft_lengths)
     try:
         first = target.prefill(prompt)

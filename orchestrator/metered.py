@@ -76,9 +76,5 @@ class MeteredDrafter:
     def needs_target_features(self) -> bool:
         return self._inner.needs_target_features
 
-    @property
-    def drafts_apart(self) -> bool:
-        return getattr(self._inner, "drafts_apart", False)
-
     def open(self, sampling: SamplingParams) -> MeteredDraftSession:
         return MeteredDraftSession(self._inner.open(sampling), self._metrics)

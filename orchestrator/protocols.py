@@ -49,9 +49,6 @@ class ImageEncoder(Protocol):
 
 
 class Drafter(Protocol):
-    """May also set `drafts_apart = True`: it drafts on its own device (a separate service), so
-    drafting ahead overlaps verification and pipelined speculation is the default for it."""
-
     needs_target_features: bool  # whether its sessions read VerifyResult.hidden
 
     def open(self, sampling: SamplingParams) -> DraftSession:

@@ -38,7 +38,7 @@ def request_from_proto(message: speculum_pb2.GenerateRequest) -> GenerateRequest
         speculation=SpeculationParams(
             enabled=_field(speculation, "enabled", True),
             num_draft_tokens=_field(speculation, "num_draft_tokens", SpeculationParams().num_draft_tokens),
-            pipelined=_field(speculation, "pipelined", None),
+            pipelined=_field(speculation, "pipelined", SpeculationParams().pipelined),
             adaptive=_field(speculation, "adaptive", SpeculationParams().adaptive),
         ),
     )
@@ -76,8 +76,7 @@ def request_to_proto(request: GenerateRequest) -> speculum_pb2.GenerateRequest:
     message.sampling.stop.extend(sampling.stop)
     message.speculation.enabled = request.speculation.enabled
     message.speculation.num_draft_tokens = request.speculation.num_draft_tokens
-    if request.speculation.pipelined is not None:
-        message.speculation.pipelined = request.speculation.pipelined
+    message.speculation.pipelined = request.speculation.pipelined
     message.speculation.adaptive = request.speculation.adaptive
     return message
 

@@ -121,25 +121,24 @@ def test_pipelined_through_the_services(llava_engine, small_llava_drafter_model)
         reference = hf_greedy(llava_engine.target, prompt, MAX_NEW)
         assert [t for c in chunks for t in c.token_ids] == reference
         assert len(verifier.servicer.sessions) == 0 and len(drafter.servicer.sessions) == 0
-        # Unset `pipelined` means pipelined for a drafter service: a drafter that is always right
-        # (so every look-ahead is kept) shows whether rounds were drafted ahead.
+        # A drafter that is always right (so every look-ahead is kept) shows whether rounds were
+        # drafted ahead: with `pipelined` on, and not by default.
         scripted = draft_server.serve(ScriptedDrafter(reference, None, llava_engine.target.vocab_size), settings,
                                       sessions)
         try:
             ahead = {}
-            for name, speculation in (("default", SpeculationParams(num_draft_tokens=3)),
-                                      ("off", SpeculationParams(num_draft_tokens=3, pipelined=False))):
+            for name, speculation in (("on", PIPELINED), ("default", SpeculationParams(num_draft_tokens=3))):
                 chunks = list(speculate(prompt, SamplingParams(max_new_tokens=MAX_NEW), speculation, remote[0],
                                         GrpcDrafter(grpc.insecure_channel(scripted.address)),
                                         StopChecker(MAX_NEW, frozenset())))
                 assert [t for c in chunks for t in c.token_ids] == reference, name
                 ahead[name] = chunks[-1].stats.drafted_ahead
-            assert ahead["off"] == 0 and ahead["default"] > 0, ahead
+            assert ahead["on"] > 0 and ahead["default"] == 0, ahead
         finally:
             scripted.stop()
-        # A seeded sample is reproducible in the (default) pipelined mode too.
+        # A seeded sample is reproducible in pipelined mode too.
         runs = [list(speculate(prompt, SamplingParams(max_new_tokens=MAX_NEW, temperature=0.9, seed=11),
-                               SpeculationParams(num_draft_tokens=3), *remote, StopChecker(MAX_NEW, frozenset())))
+                               PIPELINED, *remote, StopChecker(MAX_NEW, frozenset())))
                 for _ in range(2)]
         first, second = ([t for c in chunks for t in c.token_ids] for chunks in runs)
         counts = [(s.target_forwards, s.draft_tokens, s.accepted_tokens, s.drafted_ahead)
@@ -148,17 +147,6 @@ def test_pipelined_through_the_services(llava_engine, small_llava_drafter_model)
     finally:
         verifier.stop()
         drafter.stop()
-
-
-def test_in_process_default_is_sequential(llava_engine):
-    """Unset `pipelined` in-process: one thread would only interleave drafting and verifying."""
-    prompt = build_prompt(llava_engine, "Hi")
-    reference = hf_greedy(llava_engine.target, prompt, MAX_NEW)
-    drafter = ScriptedDrafter(reference, None, llava_engine.target.vocab_size)
-    chunks = list(speculate(prompt, SamplingParams(max_new_tokens=MAX_NEW), SpeculationParams(num_draft_tokens=3),
-                            llava_engine.verifier, drafter, StopChecker(MAX_NEW, frozenset())))
-    assert [t for c in chunks for t in c.token_ids] == reference
-    assert chunks[-1].stats.drafted_ahead == 0
 
 
 def test_the_metered_wrappers_of_the_serve_replica_pass_the_look_ahead_through(llava_engine):

@@ -51,9 +51,8 @@ def channel(running) -> grpc.Channel:
 
 def run(prompt, verifier, drafter, max_new=32, k=4, temperature=0.0, seed=None):
     sampling = SamplingParams(max_new_tokens=max_new, temperature=temperature, seed=seed)
-    # One mode everywhere (unset, a drafter service would pipeline): a seeded sample depends on it.
-    chunks = list(speculate(prompt, sampling, SpeculationParams(num_draft_tokens=k, pipelined=False), verifier,
-                            drafter, StopChecker(max_new, frozenset())))
+    chunks = list(speculate(prompt, sampling, SpeculationParams(num_draft_tokens=k), verifier, drafter,
+                            StopChecker(max_new, frozenset())))
     return [t for c in chunks for t in c.token_ids], chunks[-1].stats
 
 

@@ -233,9 +233,8 @@ def speculate_tokens(prompt, verifier, drafter, sampling):
     from orchestrator.stopping import StopChecker
     from speculum.config import SpeculationParams
 
-    # One mode on both sides (unset, a drafter service would pipeline): a seeded sample depends on it.
-    chunks = list(speculate(prompt, sampling, SpeculationParams(num_draft_tokens=3, pipelined=False), verifier,
-                            drafter, StopChecker(sampling.max_new_tokens, frozenset())))
+    chunks = list(speculate(prompt, sampling, SpeculationParams(num_draft_tokens=3), verifier, drafter,
+                            StopChecker(sampling.max_new_tokens, frozenset())))
     return [t for c in chunks for t in c.token_ids], chunks[-1].stats
 
 
