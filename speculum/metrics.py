@@ -165,45 +165,41 @@ class SessionCollector:
             yield CounterMetricFamily(f"speculum_sessions_{name}", help_text, value=getattr(counters, name))
 
 
-@dataclass(frozen=True)
-class CacheCollector:
-    """The embedding cache's counters (`CacheStats`), read at scrape time."""
+@dataclass(frozen=True, eq=False)  # registered by identity
+class CountersCollector:
+    """A stats dataclass of counters (read at scrape time) as `<prefix>_<field>` counters."""
 
     stats: Callable[[], object]
+    prefix: str
+    help: dict[str, str]
 
-    HELP = {
+    def collect(self) -> Iterator[Metric]:
+        stats = self.stats()
+        for name, help_text in self.help.items():
+            yield CounterMetricFamily(f"{self.prefix}_{name}", help_text, value=getattr(stats, name))
+
+
+def image_cache_collector(stats: Callable[[], object]) -> CountersCollector:
+    """The vision encoder's embedding cache (`CacheStats`)."""
+    return CountersCollector(stats, "speculum_image_cache", {
         "hits": "Image lookups answered from the cache.",
         "misses": "Image lookups that had to run the vision tower (errors and bypasses included).",
         "stores": "Encodings written to the cache.",
         "errors": "Failed Redis calls and corrupt entries (each also counted as a miss).",
         "skipped": "Encodings too large to cache.",
         "bypassed": "Lookups and stores not sent while Redis was paused after an error.",
-    }
-
-    def collect(self) -> Iterator[Metric]:
-        stats = self.stats()
-        for name, help_text in self.HELP.items():
-            yield CounterMetricFamily(f"speculum_image_cache_{name}", help_text, value=getattr(stats, name))
+    })
 
 
-@dataclass(frozen=True)
-class PrefixCacheCollector:
-    """The verifier's prefix cache counters (`PrefixStats`), read at scrape time."""
-
-    stats: Callable[[], object]
-
-    HELP = {
+def prefix_cache_collector(stats: Callable[[], object]) -> CountersCollector:
+    """The verifier's image-prefix cache (`PrefixStats`)."""
+    return CountersCollector(stats, "speculum_prefix_cache", {
         "hits": "Prefills that reused an image prefix's KV rows.",
         "misses": "Prefills with an image prefix not in the cache.",
         "stores": "Image prefixes stored.",
         "evictions": "Prefixes dropped (least recently used) to stay within the budget.",
         "reused_tokens": "Prompt rows not recomputed thanks to the cache.",
-    }
-
-    def collect(self) -> Iterator[Metric]:
-        stats = self.stats()
-        for name, help_text in self.HELP.items():
-            yield CounterMetricFamily(f"speculum_prefix_cache_{name}", help_text, value=getattr(stats, name))
+    })
 
 
 # --- speculation (the orchestrator) -------------------------------------------------------------

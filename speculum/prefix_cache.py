@@ -18,6 +18,8 @@ from dataclasses import dataclass
 import torch
 from transformers import Cache
 
+from speculum.counters import Counters
+
 DEFAULT_MAX_BYTES = 256 * 2**20
 
 
@@ -57,7 +59,7 @@ class PrefixCache:
         self._entries: OrderedDict[bytes, PrefixEntry] = OrderedDict()
         self._bytes = 0
         self._lock = threading.Lock()
-        self._stats = PrefixStats()
+        self._counters = Counters(PrefixStats)
 
     @property
     def enabled(self) -> bool:
@@ -65,8 +67,7 @@ class PrefixCache:
 
     @property
     def stats(self) -> PrefixStats:
-        with self._lock:
-            return self._stats
+        return self._counters.snapshot()
 
     def __len__(self) -> int:
         with self._lock:
@@ -76,10 +77,10 @@ class PrefixCache:
         with self._lock:
             entry = self._entries.get(key)
             if entry is None:
-                self._count(misses=1)
+                self._counters.add(misses=1)
                 return None
             self._entries.move_to_end(key)
-            self._count(hits=1, reused_tokens=entry.length)
+            self._counters.add(hits=1, reused_tokens=entry.length)
             return entry
 
     def store(self, key: bytes, cache: Cache, hidden: torch.Tensor, length: int) -> None:
@@ -101,12 +102,7 @@ class PrefixCache:
                 _, old = self._entries.popitem(last=False)
                 self._bytes -= old.nbytes
                 evicted += 1
-            self._count(stores=1, evictions=evicted)
-
-    def _count(self, **deltas: int) -> None:
-        current = self._stats
-        self._stats = PrefixStats(**{name: getattr(current, name) + deltas.get(name, 0)
-                                     for name in PrefixStats.__dataclass_fields__})
+            self._counters.add(stores=1, evictions=evicted)
 
 
 def prefix_key(prefix_embeds: torch.Tensor) -> bytes:

@@ -12,13 +12,14 @@ import os
 import threading
 import time
 from collections import OrderedDict
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from typing import Protocol
 
 import redis
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
+from speculum.counters import Counters
 from vision_encoder.entry import CorruptEntry, ImageEncoding, from_bytes, to_bytes
 
 log = logging.getLogger("speculum.vision_encoder.cache")
@@ -80,23 +81,6 @@ class CacheStats:
     bypassed: int = 0
 
 
-class _Counters:
-    """Thread-safe counters behind `CacheStats` (servers call the cache from many threads)."""
-
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._values = {f.name: 0 for f in fields(CacheStats)}
-
-    def add(self, **deltas: int) -> None:
-        with self._lock:
-            for name, delta in deltas.items():
-                self._values[name] += delta
-
-    def snapshot(self) -> CacheStats:
-        with self._lock:
-            return CacheStats(**self._values)
-
-
 class EmbeddingCache(Protocol):
     """Encodings by key. Implementations never raise on lookup or store: a failure is a miss."""
 
@@ -117,7 +101,7 @@ class LocalLRUCache:
         self._entries: OrderedDict[str, ImageEncoding] = OrderedDict()
         self._bytes = 0
         self._lock = threading.Lock()
-        self._counters = _Counters()
+        self._counters = Counters(CacheStats)
 
     def get(self, key: str) -> ImageEncoding | None:
         with self._lock:
@@ -181,7 +165,7 @@ class RedisEmbeddingCache:
             **_packer_options(),
         )
         self._client = redis.Redis(connection_pool=pool)
-        self._counters = _Counters()
+        self._counters = Counters(CacheStats)
         self._lock = threading.Lock()
         self._paused_until = 0.0
         self._failing = False

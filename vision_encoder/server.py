@@ -15,7 +15,7 @@ from pathlib import Path
 from opentelemetry import trace
 
 from speculum.logs import setup_logging
-from speculum.metrics import CacheCollector
+from speculum.metrics import image_cache_collector
 from speculum.rpc.server import RunningServer, run_until_signal, start_server
 from speculum.rpc.settings import ServerSettings
 from speculum.rpc.status import mapped
@@ -88,7 +88,7 @@ def serve_encoder(encoder: ImageEncoder, settings: ServerSettings) -> RunningSer
         register=[lambda server: vision_pb2_grpc.add_VisionEncoderServicer_to_server(servicer, server)],
         service_names=[SERVICE_NAME],
         servicer=servicer,
-        collectors=[CacheCollector(encoder.cache.stats)],
+        collectors=[image_cache_collector(encoder.cache.stats)],
     )
 
 
