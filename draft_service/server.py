@@ -1,4 +1,5 @@
-"""The draft service: a thin gRPC servicer over a Drafter; streams each block in pieces.
+"""The draft service: a thin gRPC servicer over a Drafter; streams each block in pieces, or, with a
+batch window (SPECULUM_DRAFT_BATCH_WINDOW_MS), drafts concurrent sessions' rounds together.
 
 Sessions are evicted (LRU) when the store is full: losing a draft session only costs speed, the
 orchestrator then decodes with the target alone.
@@ -11,12 +12,13 @@ import logging
 import threading
 from pathlib import Path
 
+from draft_service.batching import DraftBatcher, batchable
 from orchestrator.protocols import DraftSession, Drafter
 from speculum.metrics import SessionCollector
 from speculum.errors import Unavailable
 from speculum.rpc import convert
 from speculum.rpc.server import RunningServer, run_until_signal, start_server
-from speculum.rpc.settings import ServerSettings, SessionSettings
+from speculum.rpc.settings import BatchSettings, ServerSettings, SessionSettings
 from speculum.rpc.status import mapped
 from speculum.sessions import SessionStore
 from speculum.telemetry import setup_tracing, tracer
@@ -28,12 +30,13 @@ DEFAULT_PORT = 50063
 
 
 class DrafterServicer(drafter_pb2_grpc.DrafterServicer):
-    def __init__(self, drafter: Drafter, sessions: SessionSettings):
+    def __init__(self, drafter: Drafter, sessions: SessionSettings, batch: BatchSettings = BatchSettings()):
         self.drafter = drafter
         self.sessions: SessionStore[DraftSession] = SessionStore(
             sessions.ttl_s, sessions.max_sessions, evict_when_full=True, close=lambda s: s.close()
         )
         self._device = threading.Lock()
+        self.batcher = DraftBatcher(batch, self._device, lambda: len(self.sessions)) if batch.window_s > 0 else None
 
     @mapped
     def Info(self, request, context):
@@ -76,6 +79,13 @@ class DrafterServicer(drafter_pb2_grpc.DrafterServicer):
         with self.sessions.use(request.session_id) as session:
             if request.HasField("advance"):
                 session.advance(convert.result_from_proto(request.advance))
+            if self.batcher is not None and batchable(session):
+                with tracer().start_as_current_span("speculum.drafter.propose") as span:
+                    blocks = self.batcher.draft(session, request.max_tokens, tuple(request.assume))
+                    span.set_attribute("speculum.draft_tokens", sum(len(b.tokens) for b in blocks))
+                for block in blocks:
+                    yield convert.block_to_proto(block)
+                return
             pieces = session.propose(request.max_tokens, tuple(request.assume))
             # One span per round rather than per piece: the loop's last `next` only finds the end.
             with tracer().start_as_current_span("speculum.drafter.propose") as span:
@@ -95,8 +105,9 @@ class DrafterServicer(drafter_pb2_grpc.DrafterServicer):
         return ReleaseResponse(released=self.sessions.release(request.session_id))
 
 
-def serve(drafter: Drafter, settings: ServerSettings, sessions: SessionSettings) -> RunningServer:
-    servicer = DrafterServicer(drafter, sessions)
+def serve(drafter: Drafter, settings: ServerSettings, sessions: SessionSettings,
+          batch: BatchSettings = BatchSettings()) -> RunningServer:
+    servicer = DrafterServicer(drafter, sessions, batch)
     running = start_server(
         settings,
         [lambda server: drafter_pb2_grpc.add_DrafterServicer_to_server(servicer, server)],
@@ -124,7 +135,7 @@ def main(argv: list[str] | None = None) -> None:
     drafter = load_drafter(args.drafter, target_vocab_size(args.target), tree_shape=tree_shape_from_env())
     if drafter is None:
         raise SystemExit("the draft service needs a drafter (ngram or a folder), not none")
-    running = serve(drafter, settings, SessionSettings.from_env("DRAFT"))
+    running = serve(drafter, settings, SessionSettings.from_env("DRAFT"), BatchSettings.from_env("DRAFT"))
     logging.getLogger("speculum.draft").info("ready port=%d", running.port)
     run_until_signal(running, settings.grace_s)
 

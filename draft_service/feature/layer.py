@@ -211,3 +211,34 @@ class DecoderLayer(nn.Module):
             mask = torch.ones(length, cached + length, dtype=torch.bool).tril_(cached)
         h = (x[:, -1:] if last_only else x) + self.self_attn(x, cos, sin, cache, mask, causal, last_only)
         return h + self.mlp(self.post_attention_layernorm(h))
+
+    def forward_last_many(self, xs: list[torch.Tensor], caches: list[LayerCache]) -> torch.Tensor:
+        """Many sessions' new rows in one pass: xs[i] [T_i, D] go after caches[i]'s rows (appended to
+        it) -> [B, D], each session's last-row output, equal to `forward(xs[i][None], caches[i],
+        last_only=True)` for each i. The matmuls run once over all rows; only the cache writes and the
+        padded gather of keys are per session."""
+        attn = self.self_attn
+        heads, kv_heads, head_dim = attn.num_heads, attn.num_kv_heads, attn.head_dim
+        lengths = [x.shape[0] for x in xs]
+        positions = torch.cat([torch.arange(c.length, c.length + n) for c, n in zip(caches, lengths)])
+        cos, sin = self.rotary.lookup(0, 0, positions)  # [R, head_dim]
+        rows = torch.cat(xs)  # [R, D]
+        qkv = F.linear(rows, attn.qkv.get()).view(len(rows), heads + 2 * kv_heads, head_dim)
+        query_key = rotate(qkv[:, : heads + kv_heads], cos[:, None], sin[:, None])
+        ends = torch.tensor(lengths).cumsum(0)
+        query = query_key[ends - 1, :heads].unsqueeze(2)  # [B, H, 1, head_dim]: the last rows' queries
+        spans = [(int(end) - n, int(end)) for end, n in zip(ends, lengths)]
+        totals = [c.length + n for c, n in zip(caches, lengths)]
+        keys = rows.new_zeros(len(xs), kv_heads, max(totals), head_dim)
+        values = torch.zeros_like(keys)
+        for i, (cache, (start, end)) in enumerate(zip(caches, spans)):
+            new_keys = query_key[start:end, heads:].transpose(0, 1)[None]  # [1, H_kv, T_i, head_dim]
+            new_values = qkv[start:end, heads + kv_heads :].transpose(0, 1)[None]
+            all_keys, all_values = cache.append(new_keys, new_values)
+            keys[i, :, : totals[i]] = all_keys[0]
+            values[i, :, : totals[i]] = all_values[0]
+        visible = torch.arange(max(totals)) < torch.tensor(totals)[:, None]  # [B, S]
+        out = F.scaled_dot_product_attention(query, keys, values, attn_mask=visible[:, None, None],
+                                             enable_gqa=heads != kv_heads)
+        h = rows[ends - 1] + attn.o_proj(out.reshape(len(xs), heads * head_dim))
+        return h + self.mlp(self.post_attention_layernorm(h))

@@ -69,3 +69,9 @@ class FeatureDraftModel(nn.Module):
         if last_only:
             out = out[:, 0]
         return out.unsqueeze(-2) if self.semi_ar is None else self.semi_ar(out)
+
+    def forward_many(self, inputs: list[torch.Tensor], caches: list[LayerCache]) -> torch.Tensor:
+        """Sessions' new rows inputs[i] [T_i, D] after caches[i] (appended) -> [B, k, D], the features
+        after each one's last row: `forward(inputs[i][None], caches[i], last_only=True)` for all at once."""
+        out = self.layer.forward_last_many(inputs, caches)
+        return out.unsqueeze(-2) if self.semi_ar is None else self.semi_ar(out)

@@ -8,7 +8,8 @@ at `advance` and run lazily by the next `propose`, in the same forward as the fi
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Generator, Iterator, Sequence
+from dataclasses import dataclass
 
 import torch
 
@@ -23,6 +24,32 @@ from speculum.model_facts import ModelFacts
 from speculum.records import DraftBlock, PromptInputs, VerifyResult
 from speculum.sampling import probs_from_logits
 from speculum.tree import TreeShape
+
+
+@dataclass(frozen=True)
+class Rows:
+    """A step of a plan: these rows [T, D] go after the session's cached ones; the driver sends back
+    the features [k, D] predicted after the last of them."""
+
+    rows: torch.Tensor
+
+
+Plan = Generator["Rows | DraftBlock", "torch.Tensor | None", None]
+
+
+def run_plan(plan: Plan, model: FeatureDraftModel, cache) -> Iterator[DraftBlock]:
+    """Drive one session's plan alone: each `Rows` is one forward on its own cache."""
+    reply = None
+    while True:
+        try:
+            step = plan.send(reply)
+        except StopIteration:
+            return
+        if isinstance(step, Rows):
+            reply = model(step.rows[None], cache, last_only=True)[0]
+        else:
+            reply = None
+            yield step
 
 
 class FeatureDraftSession:
@@ -58,8 +85,18 @@ class FeatureDraftSession:
 
     @torch.inference_mode()
     def propose(self, max_tokens: int, assume: Sequence[int] = ()) -> Iterator[DraftBlock]:
+        yield from run_plan(self.plan(max_tokens, assume), self.model, self.cache)
+
+    def plan(self, max_tokens: int, assume: Sequence[int] = ()) -> Plan:
+        """`propose` as steps: yields `Rows` (send back the features [k, D] after their last row, with
+        the rows appended to this session's cache) and the blocks themselves (send back None). One
+        plan serves both drivers: `run_plan` here, and the draft service's batcher, which runs many
+        sessions' `Rows` in one forward."""
         # Drafting ahead (pipelined) drafts the full length too: it runs while the verifier works.
-        features = self._assume(self.sync(), assume)
+        features = yield from self._sync_steps()
+        for start in range(0, len(assume), len(features)):  # tokens taken as accepted, k per forward
+            tokens = torch.tensor(list(assume[start : start + len(features)]))
+            features = yield Rows(self.model.fuse(self.model.embed(tokens), features[: len(tokens)]))
         if self.tree_shape is not None and max_tokens > 0:
             yield self._propose_tree(features, max_tokens)
             return
@@ -72,17 +109,7 @@ class FeatureDraftSession:
             if produced >= max_tokens:
                 return
             # The drafted tokens with the features they were predicted from are the next rows.
-            rows = self.model.fuse(self.model.embed(torch.tensor(block.tokens)), features[:width])
-            features = self.model(rows[None], self.cache, last_only=True)[0]
-
-    def _assume(self, features: torch.Tensor, assume: Sequence[int]) -> torch.Tensor:
-        """Feed tokens taken as accepted (with the drafter's own features, like drafted ones), up to k
-        per forward. features: [k, D] after the last row -> [k, D] after the last assumed token."""
-        for start in range(0, len(assume), len(features)):
-            tokens = torch.tensor(list(assume[start : start + len(features)]))
-            rows = self.model.fuse(self.model.embed(tokens), features[: len(tokens)])
-            features = self.model(rows[None], self.cache, last_only=True)[0]
-        return features
+            features = yield Rows(self.model.fuse(self.model.embed(torch.tensor(block.tokens)), features[:width]))
 
     @torch.inference_mode()
     def advance(self, result: VerifyResult) -> None:
@@ -97,11 +124,21 @@ class FeatureDraftSession:
     @torch.inference_mode()
     def sync(self) -> torch.Tensor:
         """Run the unfed real rows; the cache then ends at the last real row. -> features [k, D]."""
+        steps = self._sync_steps()
+        reply = None
+        while True:
+            try:
+                rows = steps.send(reply)
+            except StopIteration as done:
+                return done.value
+            reply = self.model(rows.rows[None], self.cache, last_only=True)[0]
+
+    def _sync_steps(self) -> Generator[Rows, torch.Tensor, torch.Tensor]:
         self.cache.truncate(self._real_length)
         if self._unfed is not None and len(self._unfed):
-            self._features = self.model(self._unfed[None], self.cache, last_only=True)[0]
-            self._real_length += len(self._unfed)
-            self._unfed = None
+            unfed, self._unfed = self._unfed, None
+            self._features = yield Rows(unfed)
+            self._real_length += len(unfed)
         assert self._features is not None, "prefill first"
         return self._features
 

@@ -168,8 +168,8 @@ def tree_shape_from_env() -> TreeShape:
 
 @dataclass(frozen=True)
 class BatchSettings:
-    """Batched verification. window_s: how long the first caller waits for other sessions' blocks
-    (0 = every block verified alone) · max_batch: blocks per target pass."""
+    """Batched verification or drafting. window_s: how long the first caller waits for other
+    sessions' work (0 = each session's work runs alone) · max_batch: sessions per pass."""
 
     window_s: float = 0.0
     max_batch: int = 16
@@ -179,9 +179,10 @@ class BatchSettings:
             raise ValueError("the batch window must be >= 0 and the batch size >= 1")
 
     @classmethod
-    def from_env(cls) -> BatchSettings:
-        """SPECULUM_VERIFY_BATCH_WINDOW_MS (default 0: off) and SPECULUM_VERIFY_MAX_BATCH (default 16)."""
-        return cls(_float("SPECULUM_VERIFY_BATCH_WINDOW_MS", 0.0) / 1000, _int("SPECULUM_VERIFY_MAX_BATCH", 16))
+    def from_env(cls, service: str = "VERIFY") -> BatchSettings:
+        """SPECULUM_<service>_BATCH_WINDOW_MS (default 0: off) and SPECULUM_<service>_MAX_BATCH
+        (default 16); service is VERIFY or DRAFT."""
+        return cls(_float(f"SPECULUM_{service}_BATCH_WINDOW_MS", 0.0) / 1000, _int(f"SPECULUM_{service}_MAX_BATCH", 16))
 
 
 def prefix_cache_bytes_from_env() -> int:
