@@ -106,7 +106,7 @@ class SpeculumApp:
         final = speculum_pb2.GenerateResponse()
         token_ids: list[int] = []
         text = ""
-        async for response, text in self._metered("Generate", request, grpc_context):
+        async for response, text in self._metered("Generate", request, grpc_context, each_round=False):
             token_ids.extend(response.token_ids)
             final = response
         final.text = text
@@ -122,12 +122,13 @@ class SpeculumApp:
         if grpc_context is not None and grpc_context.code() not in (None, grpc.StatusCode.OK):
             raise StreamFailed(grpc_context.details())
 
-    async def _metered(self, method: str, message, grpc_context) -> AsyncIterator[tuple[speculum_pb2.GenerateResponse, str]]:
+    async def _metered(self, method: str, message, grpc_context, each_round: bool = True
+                       ) -> AsyncIterator[tuple[speculum_pb2.GenerateResponse, str]]:
         """`_responses`, counted and timed under the call's final status code."""
         started = time.perf_counter()
         code = "UNKNOWN"
         try:
-            async for item in self._responses(message, grpc_context):
+            async for item in self._responses(message, grpc_context, each_round):
                 yield item
             code = _context_code(grpc_context)
         except SpeculumError as exc:  # raised only without a gRPC context (direct calls)
@@ -139,8 +140,11 @@ class SpeculumApp:
         finally:
             self._rpc_metrics.observe(PUBLIC_SERVICE, method, code, time.perf_counter() - started)
 
-    async def _responses(self, message, grpc_context) -> AsyncIterator[tuple[speculum_pb2.GenerateResponse, str]]:
-        """Each round's message (its `text` a delta) with the whole visible text so far."""
+    async def _responses(self, message, grpc_context, each_round: bool
+                         ) -> AsyncIterator[tuple[speculum_pb2.GenerateResponse, str]]:
+        """Each round's message (its `text` a delta) with the whole visible text so far; without
+        `each_round` (unary calls) one message for the whole answer, the loop stepped in one worker
+        call (no thread hop, decode or proto per round), stopping at the next round if cancelled."""
         request_id = message.request_id or uuid.uuid4().hex
         span = _request_span(request_id, grpc_context) if self._tracing else trace.INVALID_SPAN
         in_span = trace.set_span_in_context(span)
@@ -163,10 +167,17 @@ class SpeculumApp:
         )
         chunks = self.engine.stream(prepared)
         stepping = threading.Lock()  # a generator must not be advanced and closed at once
+        cancelled = threading.Event()
 
-        def step():
+        def step() -> list[Chunk]:
+            """The next round's chunk (none when done), or with `each_round` off every chunk left."""
+            settled: list[Chunk] = []
             with stepping:
-                return call_in_context(in_span, next, chunks, None)
+                while not cancelled.is_set() and (chunk := call_in_context(in_span, next, chunks, None)) is not None:
+                    settled.append(chunk)
+                    if each_round or chunk.finish is not None:
+                        break
+            return settled
 
         def close():
             with stepping:
@@ -175,7 +186,8 @@ class SpeculumApp:
         token_ids: list[int] = []
         sent = ""
         try:
-            while (chunk := await loop.run_in_executor(self._threads, step)) is not None:
+            while settled := await loop.run_in_executor(self._threads, step):
+                chunk = Chunk(tuple(t for c in settled for t in c.token_ids), settled[-1].finish, settled[-1].stats)
                 token_ids.extend(chunk.token_ids)
                 text = prepared.stop.visible_text(self.engine.prompts.decode(token_ids), chunk.finish)
                 # Hold back a trailing partial UTF-8 character until the next token completes it.
@@ -193,6 +205,7 @@ class SpeculumApp:
         except SpeculumError as exc:
             self._fail(grpc_context, exc, span)
         except (asyncio.CancelledError, GeneratorExit):
+            cancelled.set()
             span.set_attribute("speculum.cancelled", True)
             raise
         finally:
