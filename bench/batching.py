@@ -21,6 +21,7 @@ from pathlib import Path
 
 import grpc
 
+from bench.services import scrape
 from bench.stack import stack_in_child
 from orchestrator.engine import GenerateRequest
 from orchestrator.public_api import request_to_proto
@@ -48,7 +49,7 @@ def run_mode(window_ms: float, draft_window_ms: float, streams: int, per_stream:
     answers: dict[tuple[int, int], tuple[int, ...]] = {}
     tokens = 0
     lock = threading.Lock()
-    with stack_in_child(StackConfig(demo_target_dir(), drafter, port=free_port())) as (address, _):
+    with stack_in_child(StackConfig(demo_target_dir(), drafter, port=free_port())) as (address, metrics_ports):
         channel = grpc.insecure_channel(address, options=[("grpc.max_send_message_length", 64 << 20)])
         stub = speculum_pb2_grpc.SpeculumStub(channel)
 
@@ -70,6 +71,7 @@ def run_mode(window_ms: float, draft_window_ms: float, streams: int, per_stream:
                     answers[(s, i)] = tuple(response.token_ids)
                     tokens += len(response.token_ids)
 
+        before = {part: scrape(metrics_ports[part]) for part in ("verifier", "drafter")}
         threads = [threading.Thread(target=stream, args=(s,)) for s in range(streams)]
         for thread in threads:
             thread.start()
@@ -78,6 +80,13 @@ def run_mode(window_ms: float, draft_window_ms: float, streams: int, per_stream:
         for thread in threads:
             thread.join()
         wall = time.perf_counter() - started
+        mean_batch = {}
+        for part, service in (("verifier", "verify"), ("drafter", "draft")):
+            after = scrape(metrics_ports[part])
+            passes, items = (after.get((f"speculum_{service}_batch_{name}_total", frozenset()), 0.0)
+                             - before[part].get((f"speculum_{service}_batch_{name}_total", frozenset()), 0.0)
+                             for name in ("passes", "items"))
+            mean_batch[service] = round(items / passes, 2) if passes else None
     latencies.sort()
     return {
         "window_ms": window_ms,
@@ -86,6 +95,8 @@ def run_mode(window_ms: float, draft_window_ms: float, streams: int, per_stream:
         "p50_s": round(statistics.median(latencies), 3),
         "p99_s": round(latencies[min(len(latencies) - 1, int(0.99 * len(latencies)))], 3),
         "requests": len(latencies),
+        "mean_verify_batch": mean_batch["verify"],
+        "mean_draft_batch": mean_batch["draft"],
         "answers": answers,
     }
 
@@ -109,11 +120,11 @@ def main() -> None:
     base = rows[0]["tokens_per_s"]
     print(f"{args.streams} concurrent streams x {args.requests_per_stream} requests, greedy, image prompts, "
           f"max {args.max_new_tokens} new tokens, drafter {Path(args.drafter).name}, {args.window_ms:g} ms windows")
-    print(f"{'mode':<24} {'tokens/s':>9} {'ratio':>6} {'p50 s':>7} {'p99 s':>7}")
+    print(f"{'mode':<24} {'tokens/s':>9} {'ratio':>6} {'p50 s':>7} {'p99 s':>7} {'verify batch':>12} {'draft batch':>11}")
     for row in rows:
         row["ratio"] = round(row["tokens_per_s"] / base, 3)
         print(f"{row['mode']:<24} {row['tokens_per_s']:>9.1f} {row['ratio']:>5.2f}x {row['p50_s']:>7.3f} "
-              f"{row['p99_s']:>7.3f}")
+              f"{row['p99_s']:>7.3f} {row['mean_verify_batch'] or '-':>12} {row['mean_draft_batch'] or '-':>11}")
     print(f"best batched / unbatched: {max(r['ratio'] for r in rows[1:]):.2f}x (target >= 2x); "
           f"identical answers: {same}")
     args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -53,7 +53,7 @@ def _images(count: int, seed: int = 0) -> list[bytes]:
     return [_image(seed + i) for i in range(count)]
 
 
-def _scrape(port: int) -> dict[tuple[str, frozenset], float]:
+def scrape(port: int) -> dict[tuple[str, frozenset], float]:
     with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as response:
         text = response.read().decode()
     return {(sample.name, frozenset(sample.labels.items())): sample.value
@@ -90,7 +90,7 @@ def run(target_dir: Path, drafter: str, requests: int, max_new_tokens: int) -> d
         stub = speculum_pb2_grpc.SpeculumStub(grpc.insecure_channel(address))
         warm = GenerateRequest(PROMPTS[0], [image], sampling)
         engine.generate(warm), stub.Generate(request_to_proto(warm), timeout=300)
-        before = {part: _scrape(port) for part, port in metrics_ports.items()}
+        before = {part: scrape(port) for part, port in metrics_ports.items()}
         for index in range(requests):
             request = GenerateRequest(PROMPTS[index % len(PROMPTS)], [image], sampling, SpeculationParams())
             local = engine.generate(request)
@@ -100,7 +100,7 @@ def run(target_dir: Path, drafter: str, requests: int, max_new_tokens: int) -> d
                                        local.stats.target_forwards))
             rows["services"].append((len(remote.token_ids), remote.timing.ttft_s + remote.timing.decode_s,
                                      remote.speculation.target_forwards))
-        rounds = _round_breakdown(before, {part: _scrape(port) for part, port in metrics_ports.items()})
+        rounds = _round_breakdown(before, {part: scrape(port) for part, port in metrics_ports.items()})
         ttft = {"uncached": [], "cached": []}
         for index in range(requests):
             fresh = _image(1000 + index)  # never seen: the encoder runs

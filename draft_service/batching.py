@@ -12,7 +12,7 @@ from collections.abc import Callable
 
 from draft_service.feature.many import Round, draft_many
 from draft_service.feature.session import FeatureDraftSession
-from speculum.batch_window import BatchWindow
+from speculum.batch_window import BatchStats, BatchWindow
 from speculum.records import DraftBlock
 from speculum.rpc.settings import BatchSettings
 
@@ -32,8 +32,8 @@ class DraftBatcher:
         )
 
     @property
-    def batch_sizes(self) -> list[int]:
-        return self._window.batch_sizes
+    def stats(self) -> BatchStats:
+        return self._window.stats
 
     def draft(self, session: FeatureDraftSession, max_tokens: int, assume: tuple[int, ...] = ()) -> list[DraftBlock]:
         """The round's blocks, as `session.propose` would yield them; raises what its plan raised."""

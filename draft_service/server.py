@@ -14,7 +14,7 @@ from pathlib import Path
 
 from draft_service.batching import DraftBatcher, batchable
 from orchestrator.protocols import DraftSession, Drafter
-from speculum.metrics import SessionCollector
+from speculum.metrics import SessionCollector, batch_collector
 from speculum.errors import Unavailable
 from speculum.rpc import convert
 from speculum.rpc.server import RunningServer, run_until_signal, start_server
@@ -113,7 +113,8 @@ def serve(drafter: Drafter, settings: ServerSettings, sessions: SessionSettings,
         [lambda server: drafter_pb2_grpc.add_DrafterServicer_to_server(servicer, server)],
         [SERVICE_NAME],
         servicer,
-        collectors=[SessionCollector(servicer.sessions)],
+        collectors=[SessionCollector(servicer.sessions),
+                    batch_collector(lambda: servicer.batcher and servicer.batcher.stats, "draft")],
     )
     return running
 

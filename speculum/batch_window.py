@@ -22,6 +22,15 @@ Result = TypeVar("Result")
 
 
 @dataclass
+class BatchStats:
+    """Counters since start: passes run, items they held, the largest pass."""
+
+    passes: int = 0
+    items: int = 0
+    largest: int = 0
+
+
+@dataclass
 class _Waiting(Generic[Item, Result]):
     item: Item
     result: Future
@@ -44,7 +53,7 @@ class BatchWindow(Generic[Item, Result]):
         self._lock = threading.Condition()
         self._queue: list[_Waiting] = []
         self._leading = False
-        self.batch_sizes: list[int] = []  # of every batch run, for tests and metrics
+        self.stats = BatchStats()
 
     def submit(self, item: Item) -> Result:
         waiting = _Waiting(item, Future())
@@ -86,7 +95,9 @@ class BatchWindow(Generic[Item, Result]):
         self._lead()
 
     def _run(self, batch: list[_Waiting]) -> None:
-        self.batch_sizes.append(len(batch))
+        self.stats.passes += 1
+        self.stats.items += len(batch)
+        self.stats.largest = max(self.stats.largest, len(batch))
         try:
             results = self._run_batch([w.item for w in batch])
         except Exception:

@@ -25,6 +25,7 @@ from orchestrator.clients import GrpcDrafter
 from orchestrator.loop import speculate
 from orchestrator.stopping import StopChecker
 from speculum.config import SamplingParams, SpeculationParams
+from speculum.metrics import batch_collector
 from speculum.records import join_pieces
 from speculum.rpc.settings import BatchSettings, ServerSettings, SessionSettings
 from verify_service.target import TargetSession
@@ -132,8 +133,10 @@ def test_concurrent_requests_share_drafter_passes_and_stay_lossless(llava_engine
             t.join(timeout=120)
         for i, prompt in enumerate(prompts):
             assert outputs[i] == hf_greedy(llava_engine.target, prompt, 16), i
-        sizes = running.servicer.batcher.batch_sizes
-        assert max(sizes) > 1, sizes
+        stats = running.servicer.batcher.stats
+        assert stats.largest > 1 and stats.items > stats.passes, stats
+        exported = {m.name: m.samples[0].value for m in batch_collector(lambda: stats, "draft").collect()}
+        assert exported == {"speculum_draft_batch_passes": stats.passes, "speculum_draft_batch_items": stats.items}
         assert len(running.servicer.sessions) == 0
     finally:
         running.stop()

@@ -7,7 +7,7 @@ from __future__ import annotations
 import threading
 from collections.abc import Callable
 
-from speculum.batch_window import BatchWindow
+from speculum.batch_window import BatchStats, BatchWindow
 from speculum.records import DraftBlock, VerifyResult
 from speculum.rpc.settings import BatchSettings
 from verify_service.target import TargetSession, verify_batch
@@ -26,8 +26,8 @@ class VerifyBatcher:
         )
 
     @property
-    def batch_sizes(self) -> list[int]:
-        return self._window.batch_sizes
+    def stats(self) -> BatchStats:
+        return self._window.stats
 
     def verify(self, session: TargetSession, block: DraftBlock) -> VerifyResult:
         return self._window.submit((session, block))

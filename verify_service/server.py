@@ -16,7 +16,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from speculum.metrics import SessionCollector, prefix_cache_collector
+from speculum.metrics import SessionCollector, batch_collector, prefix_cache_collector
 from speculum.prefix_cache import PrefixCache
 from speculum.rpc import convert
 from speculum.rpc.server import RunningServer, run_until_signal, start_server
@@ -116,7 +116,8 @@ def serve(model: VisionLanguageModel, settings: ServerSettings, sessions: Sessio
         [lambda server: verifier_pb2_grpc.add_VerifierServicer_to_server(servicer, server)],
         [SERVICE_NAME],
         servicer,
-        collectors=[SessionCollector(servicer.sessions), prefix_cache_collector(lambda: servicer.prefixes.stats)],
+        collectors=[SessionCollector(servicer.sessions), prefix_cache_collector(lambda: servicer.prefixes.stats),
+                    batch_collector(lambda: servicer.batcher and servicer.batcher.stats, "verify")],
     )
     return running
 
