@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from demo_world.config import ASSISTANT, FULL, LOOKUP_PROPOSAL, MICRO, RecipeConfig
+from demo_world.config import ASSISTANT, FULL, LOOKUP_PROPOSAL, MICRO, PER_ANSWER, TIED, TIED_PER_ANSWER, RecipeConfig
 from demo_world.data import build_tokenizer, prompt_ids
 from demo_world.evaluate import FACT_KINDS, evaluate, load_target
 from demo_world.model import build_image_processor, build_model, save_target
@@ -25,7 +25,8 @@ from demo_world.scenes import render, scene_for_seed
 from demo_world.tasks import DESCRIBE_PROMPTS
 from demo_world.train import train
 
-PRESETS = {"full": FULL, "micro": MICRO, "assistant": ASSISTANT, "lookup-proposal": LOOKUP_PROPOSAL}
+PRESETS = {"full": FULL, "micro": MICRO, "assistant": ASSISTANT, "lookup-proposal": LOOKUP_PROPOSAL,
+           "tied": TIED, "per-answer": PER_ANSWER, "tied-per-answer": TIED_PER_ANSWER}
 SAMPLE_SEEDS = (101, 202, 303, 404, 505, 606)
 
 
@@ -49,7 +50,8 @@ def build(args: argparse.Namespace) -> None:
                           kinds=tuple(k.value for k in FACT_KINDS))
         return {s.kind: s.facts for s in report.scores}
 
-    result = train(model, tokenizer, image_processor, config, Path(args.run_dir), monitor=monitor)
+    result = train(model, tokenizer, image_processor, config, Path(args.run_dir), monitor=monitor,
+                   stop_after=args.stop_after)
     save_target(model, tokenizer, config.model, Path(args.out))
     print(json.dumps({"out": args.out, **dataclasses.asdict(result),
                       "total_seconds": round(time.monotonic() - began, 1)}))
@@ -59,7 +61,8 @@ def run_evaluate(args: argparse.Namespace) -> None:
     torch.set_num_threads(args.threads)
     model, tokenizer, image_processor = load_target(Path(args.model))
     config = PRESETS[args.preset]
-    report = evaluate(model, tokenizer, image_processor, config, per_kind=args.per_kind)
+    kinds = tuple(args.kinds.split(",")) if args.kinds else None
+    report = evaluate(model, tokenizer, image_processor, config, per_kind=args.per_kind, kinds=kinds)
     for s in report.scores:
         print(f"{s.kind:12s} n={s.n:4d}  key facts {s.facts:.3f}  exact {s.exact:.3f}")
     print(f"pooled key-fact accuracy on {', '.join(k.value for k in FACT_KINDS)}: {report.fact_accuracy:.3f}")
@@ -110,11 +113,14 @@ def main(argv: list[str] | None = None) -> None:
     b.add_argument("--out", default="models/demo/target")
     b.add_argument("--run-dir", default="runs/demo_target", help="checkpoints and the training log")
     b.add_argument("--steps", type=int, default=None, help="override the preset's step count")
+    b.add_argument("--stop-after", type=int, default=None,
+                   help="stop (and export) at this LM step without changing the schedule; a rerun resumes")
     b.set_defaults(func=build)
     e = sub.add_parser("evaluate", help="held-out accuracy of a target folder")
     e.add_argument("--model", default="models/demo/target")
     e.add_argument("--per-kind", type=int, default=100)
     e.add_argument("--json", default=None, help="also write the report here")
+    e.add_argument("--kinds", default=None, help="comma-separated kinds to score (default: all)")
     e.set_defaults(func=run_evaluate)
     s = sub.add_parser("samples", help="write the sample scenes as PNG files")
     s.add_argument("--out", default="models/demo/samples")

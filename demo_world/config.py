@@ -88,6 +88,14 @@ class TrainConfig:
     vision_steps: int = 1000
     vision_batch_size: int = 32
     vision_pretrain_lr: float = 2e-3  # warmup 50 steps, cosine to min_lr_ratio over vision_steps
+    # Issue 3: tie the probe's class weights to the LM's input embeddings of the class words (" triangle",
+    # " red", " large"; "none" keeps its own row), so patch features carry the same direction as the word
+    # in a question and a head can find an object by matching content. Phase 1 trains those embedding rows
+    # with the probe; phase 2 keeps pulling both together. False is the shipped recipe.
+    probe_tied: bool = False
+    # Issue 3: average the answer loss per example (each answer's token mean, then the mean over the batch)
+    # instead of per token, so short lookup answers are not outweighed by describe's long ones.
+    loss_per_answer: bool = False
     warmup_steps: int = 100
     min_lr_ratio: float = 0.1  # cosine decays to this fraction of the peak
     weight_decay: float = 0.01
@@ -161,3 +169,8 @@ LOOKUP_MIX = (
     (TEXT_KIND, 0.05),
 )
 LOOKUP_PROPOSAL = RecipeConfig(train=TrainConfig(steps=3000, mix=LOOKUP_MIX))
+
+# Issue 3 trials (see `probe_tied` and `loss_per_answer`): the FULL recipe with one or both changes.
+TIED = RecipeConfig(train=TrainConfig(probe_tied=True))
+PER_ANSWER = RecipeConfig(train=TrainConfig(loss_per_answer=True))
+TIED_PER_ANSWER = RecipeConfig(train=TrainConfig(probe_tied=True, loss_per_answer=True))

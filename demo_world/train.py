@@ -49,25 +49,68 @@ def lr_factor(step: int, config: TrainConfig) -> float:
     return config.min_lr_ratio + (1 - config.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
 
 
+PROBE_CLASSES = (PATCH_SHAPES, PATCH_COLOURS, PATCH_SIZES)  # the classes of the probe's three heads
+UNTIED_CLASSES = frozenset({"none"})  # classes with no word in the questions keep their own weight row
+
+
+def probe_class_tokens(tokenizer: PreTrainedTokenizerBase) -> tuple[tuple[int | None, ...], ...]:
+    """Per probe head, the token id of each class's word as it appears in a question (" triangle"),
+    or None for a class that keeps its own weights. Raises ValueError if a word is not one token."""
+    heads = []
+    for classes in PROBE_CLASSES:
+        ids = []
+        for name in classes:
+            if name in UNTIED_CLASSES:
+                ids.append(None)
+                continue
+            tokens = tokenizer(" " + name, add_special_tokens=False).input_ids
+            if len(tokens) != 1:
+                raise ValueError(f"cannot tie the probe: {name!r} is {len(tokens)} tokens")
+            ids.append(tokens[0])
+        heads.append(tuple(ids))
+    return tuple(heads)
+
+
 class PatchProbe(nn.Module):
     """Training-only linear heads on the projector's output: the shape, colour and size class of what
     covers each patch. The LM loss reaches the vision tower only weakly (shape recognition stalled
-    without this); these give it a direct gradient. Never shipped: the export is the plain LLaVA."""
+    without this); these give it a direct gradient. Never shipped: the export is the plain LLaVA.
 
-    def __init__(self, hidden: int, seed: int) -> None:
+    With `class_tokens` (see `probe_class_tokens`) the weight row of each named class is the LM's input
+    embedding of its word times a learned scale, so the loss aligns patch features with word embeddings."""
+
+    def __init__(self, hidden: int, seed: int, class_tokens: tuple[tuple[int | None, ...], ...] | None = None
+                 ) -> None:
         super().__init__()
         with torch.random.fork_rng(devices=[]):  # seeded, and the global RNG stream is left as it was
             torch.manual_seed(seed)
             self.shape = nn.Linear(hidden, len(PATCH_SHAPES))
             self.colour = nn.Linear(hidden, len(PATCH_COLOURS))
             self.size = nn.Linear(hidden, len(PATCH_SIZES))
+        self.tied = class_tokens is not None
+        if self.tied:
+            assert [len(t) for t in class_tokens] == [len(c) for c in PROBE_CLASSES], class_tokens
+            for i, ids in enumerate(class_tokens):
+                self.register_buffer(f"token_ids{i}", torch.tensor([t or 0 for t in ids]))
+                self.register_buffer(f"is_tied{i}", torch.tensor([t is not None for t in ids]))
+            self.log_scale = nn.Parameter(torch.zeros(()))
 
-    def loss(self, features: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        """Mean of the three per-patch cross-entropies. features [I, N, D], labels [I, N, 3]."""
+    def loss(self, features: torch.Tensor, labels: torch.Tensor, embeddings: torch.Tensor | None = None
+             ) -> torch.Tensor:
+        """Mean of the three per-patch cross-entropies. features [I, N, D], labels [I, N, 3];
+        `embeddings` [V, D] (the LM's input embeddings) is required when the probe is tied."""
         assert features.shape[:2] == labels.shape[:2], (features.shape, labels.shape)
+        assert embeddings is not None or not self.tied, "a tied probe needs the input embeddings"
         flat, targets = features.reshape(-1, features.shape[-1]), labels.reshape(-1, 3)
         heads = (self.shape, self.colour, self.size)
-        return sum(F.cross_entropy(head(flat), targets[:, i]) for i, head in enumerate(heads)) / len(heads)
+        total = 0.0
+        for i, head in enumerate(heads):
+            weight = head.weight  # [classes, D]
+            if self.tied:
+                tied_rows = self.log_scale.exp() * embeddings[getattr(self, f"token_ids{i}")]
+                weight = torch.where(getattr(self, f"is_tied{i}")[:, None], tied_rows, weight)
+            total = total + F.cross_entropy(F.linear(flat, weight, head.bias), targets[:, i])
+        return total / len(heads)
 
 
 def make_optimizer(model: LlavaForConditionalGeneration, config: TrainConfig, probe: nn.Module | None = None
@@ -84,10 +127,10 @@ def make_optimizer(model: LlavaForConditionalGeneration, config: TrainConfig, pr
 
 
 def answer_loss(model: LlavaForConditionalGeneration, batch: Batch, probe: PatchProbe | None = None,
-                probe_weight: float = 0.0) -> torch.Tensor:
-    """Mean cross-entropy over answer tokens (plus `probe_weight` x the probe's patch loss, if the batch
-    has images). The LM head runs only on answer positions: with a 1.5k vocabulary it would otherwise
-    cost more than a decoder layer per step."""
+                probe_weight: float = 0.0, per_answer: bool = False) -> torch.Tensor:
+    """Mean cross-entropy over answer tokens, or with `per_answer` the mean over examples of each answer's
+    token mean (plus `probe_weight` x the probe's patch loss, if the batch has images). The LM head runs
+    only on answer positions: with a 1.5k vocabulary it would otherwise cost more than a decoder layer."""
     captured = []
     use_probe = probe is not None and probe_weight > 0 and batch.patch_labels is not None
     hook = (model.model.multi_modal_projector.register_forward_hook(lambda _m, _i, out: captured.append(out))
@@ -102,9 +145,17 @@ def answer_loss(model: LlavaForConditionalGeneration, batch: Batch, probe: Patch
     targets = batch.labels[:, 1:]  # [B, T-1]
     keep = targets != IGNORE
     logits = model.lm_head(hidden[:, :-1][keep])  # [answer tokens, V]
-    loss = F.cross_entropy(logits, targets[keep])
+    if per_answer:
+        token_loss = F.cross_entropy(logits, targets[keep], reduction="none")  # [answer tokens]
+        row = keep.nonzero()[:, 0]  # the example of each answer token
+        sums = torch.zeros(len(targets), dtype=token_loss.dtype).index_add(0, row, token_loss)
+        counts = keep.sum(1)
+        loss = (sums[counts > 0] / counts[counts > 0]).mean()
+    else:
+        loss = F.cross_entropy(logits, targets[keep])
     if use_probe:
-        loss = loss + probe_weight * probe.loss(captured[0], batch.patch_labels)
+        embeddings = model.get_input_embeddings().weight if probe.tied else None
+        loss = loss + probe_weight * probe.loss(captured[0], batch.patch_labels, embeddings)
     return loss
 
 
@@ -126,7 +177,9 @@ def pretrain_vision(model: LlavaForConditionalGeneration, probe: PatchProbe, ima
     tc = config.train
     if tc.vision_steps == 0:
         return
-    params = _vision_parameters(model) + list(probe.parameters())
+    # A tied probe's class rows are input embeddings: phase 1 trains them with the probe.
+    embeddings = model.get_input_embeddings().weight if probe.tied else None
+    params = _vision_parameters(model) + list(probe.parameters()) + ([embeddings] if probe.tied else [])
     optimizer = torch.optim.AdamW(params, lr=tc.vision_pretrain_lr, betas=(0.9, 0.95), weight_decay=tc.weight_decay)
     schedule = dataclasses.replace(tc, steps=tc.vision_steps, warmup_steps=min(50, tc.vision_steps))
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, schedule))
@@ -146,7 +199,7 @@ def pretrain_vision(model: LlavaForConditionalGeneration, probe: PatchProbe, ima
                                                unit="step") as bar:
         for step in range(start, tc.vision_steps):
             pixels, labels = vision_batch(config, step, image_processor)
-            loss = probe.loss(image_features(model, pixels), labels)
+            loss = probe.loss(image_features(model, pixels), labels, embeddings)
             value = _optimize(loss, params, optimizer, scheduler, tc.grad_clip)
             loss_ema = _ema(loss_ema, value)
             bar.update(1)
@@ -195,7 +248,7 @@ def train(
     """
     tc = config.train
     run_dir.mkdir(parents=True, exist_ok=True)
-    probe = PatchProbe(config.model.text_hidden, tc.seed + 1)
+    probe = PatchProbe(config.model.text_hidden, tc.seed + 1, probe_class_tokens(tokenizer) if tc.probe_tied else None)
     checkpoint = run_dir / CHECKPOINT
     if not checkpoint.exists():
         pretrain_vision(model, probe, image_processor, config, run_dir)
@@ -216,7 +269,7 @@ def train(
         for step in range(start, min(tc.total_steps, stop_after or tc.total_steps)):
             batch = collate(step_items(config, step), tokenizer, image_processor, config.model.visual_tokens,
                             config.scenes if tc.probe_weight > 0 else None)
-            loss = answer_loss(model, batch, probe, tc.probe_weight)
+            loss = answer_loss(model, batch, probe, tc.probe_weight, tc.loss_per_answer)
             value = _optimize(loss, model.parameters(), optimizer, scheduler, tc.grad_clip)
             loss_ema = _ema(loss_ema, value)
             bar.update(1)
