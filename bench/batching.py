@@ -71,7 +71,7 @@ def run_mode(window_ms: float, draft_window_ms: float, streams: int, per_stream:
                     answers[(s, i)] = tuple(response.token_ids)
                     tokens += len(response.token_ids)
 
-        before = {part: scrape(metrics_ports[part]) for part in ("verifier", "drafter")}
+        before = {service: scrape(metrics_ports[service]) for service in ("verify", "draft")}
         threads = [threading.Thread(target=stream, args=(s,)) for s in range(streams)]
         for thread in threads:
             thread.start()
@@ -81,10 +81,10 @@ def run_mode(window_ms: float, draft_window_ms: float, streams: int, per_stream:
             thread.join()
         wall = time.perf_counter() - started
         mean_batch = {}
-        for part, service in (("verifier", "verify"), ("drafter", "draft")):
-            after = scrape(metrics_ports[part])
+        for service in ("verify", "draft"):
+            after = scrape(metrics_ports[service])
             passes, items = (after.get((f"speculum_{service}_batch_{name}_total", frozenset()), 0.0)
-                             - before[part].get((f"speculum_{service}_batch_{name}_total", frozenset()), 0.0)
+                             - before[service].get((f"speculum_{service}_batch_{name}_total", frozenset()), 0.0)
                              for name in ("passes", "items"))
             mean_batch[service] = round(items / passes, 2) if passes else None
     latencies.sort()

@@ -21,7 +21,7 @@ from demo_world.scenes import (PATCH_COLOURS, PATCH_SHAPES, PATCH_SIZES, Letter,
                                render, scene_for_seed)
 from demo_world.tasks import Kind, describe, key_facts
 from demo_world.text_corpus import split_docstrings
-from demo_world.train import PatchProbe, answer_loss, train
+from demo_world.train import PROBE_CLASSES, PatchProbe, answer_loss, probe_class_tokens, train
 
 SHIPPED = Path(__file__).resolve().parents[1] / "models" / "demo" / "target"
 
@@ -194,3 +194,44 @@ def test_micro_build_twice_from_the_seed_gives_identical_weights(tmp_path):
         demo_world_main(["build", "--preset", "micro", "--out", str(out / "target"), "--run-dir", str(out / "run")])
         hashes.append(hashlib.sha256((out / "target" / "model.safetensors").read_bytes()).hexdigest())
     assert hashes[0] == hashes[1]
+
+
+def test_loss_per_answer_weighs_every_answer_alike(micro_tokenizer):
+    """The issue-3 trial switch: each example's answer loss is its token mean, then the batch mean, so
+    the short lookup answers count as much as a long description."""
+    tok, config = micro_tokenizer, MICRO
+    image_processor = build_image_processor(config.model)
+    items = step_items(config, 0)[:4]
+    model = _fresh(config, tok)
+    with torch.no_grad():
+        batched = answer_loss(model, collate(items, tok, image_processor, config.model.visual_tokens), per_answer=True)
+        alone = [answer_loss(model, collate([it], tok, image_processor, config.model.visual_tokens)) for it in items]
+        pooled = answer_loss(model, collate(items, tok, image_processor, config.model.visual_tokens))
+    torch.testing.assert_close(batched, torch.stack(alone).mean(), atol=1e-5, rtol=1e-5)
+    assert len({len(answer_ids(tok, it.example.answer)) for it in items}) > 1  # so per-answer and per-token differ
+    assert not torch.allclose(batched, pooled)
+
+
+def test_tied_probe_reads_patches_with_the_word_embeddings(micro_tokenizer):
+    """The other trial switch: the probe's named classes score patches against the LM's input
+    embeddings of their words, so its loss trains those embeddings too."""
+    tok, config = micro_tokenizer, MICRO
+    try:
+        class_tokens = probe_class_tokens(tok)
+        assert all(tok.decode([t]).strip() == name for head, names in zip(class_tokens, PROBE_CLASSES)
+                   for t, name in zip(head, names) if t is not None)
+    except ValueError as exc:  # the micro vocabulary splits some word; the tie itself is checked below
+        assert "cannot tie the probe" in str(exc)
+        ids = iter(range(10, 100))
+        class_tokens = tuple(tuple(None if name == "none" else next(ids) for name in names) for names in PROBE_CLASSES)
+    probe = PatchProbe(config.model.text_hidden, seed=1, class_tokens=class_tokens)
+    model = _fresh(config, tok)
+    embeddings = model.get_input_embeddings().weight
+    features = torch.randn(2, config.model.visual_tokens, config.model.text_hidden)
+    labels = torch.zeros(2, config.model.visual_tokens, 3, dtype=torch.long)
+    labels[:, :5, 0] = PATCH_SHAPES.index("triangle")
+    probe.loss(features, labels, embeddings).backward()
+    triangle = class_tokens[0][PATCH_SHAPES.index("triangle")]
+    assert embeddings.grad[triangle].abs().sum() > 0
+    untouched = set(range(len(embeddings))) - {t for head in class_tokens for t in head if t is not None}
+    assert embeddings.grad[sorted(untouched)].abs().sum() == 0
