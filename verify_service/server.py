@@ -134,7 +134,7 @@ def main(argv: list[str] | None = None) -> None:
     pin_from_env("VERIFY")
     settings = ServerSettings.from_env("VERIFY", DEFAULT_PORT)
     running = serve(VisionLanguageModel.from_pretrained(args.target), settings, SessionSettings.from_env("VERIFY"),
-                    BatchSettings.from_env(), PrefixCache(prefix_cache_bytes_from_env()))
+                    BatchSettings.from_env("VERIFY"), PrefixCache(prefix_cache_bytes_from_env()))
     logging.getLogger("speculum.verify").info("ready port=%d", running.port)
     run_until_signal(running, settings.grace_s)
 
