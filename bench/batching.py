@@ -21,7 +21,7 @@ from pathlib import Path
 
 import grpc
 
-from bench.services import scrape
+from bench.services import round_breakdown, scrape
 from bench.stack import stack_in_child
 from orchestrator.engine import GenerateRequest
 from orchestrator.public_api import request_to_proto
@@ -71,7 +71,7 @@ def run_mode(window_ms: float, draft_window_ms: float, streams: int, per_stream:
                     answers[(s, i)] = tuple(response.token_ids)
                     tokens += len(response.token_ids)
 
-        before = {service: scrape(metrics_ports[service]) for service in ("verify", "draft")}
+        before = {part: scrape(port) for part, port in metrics_ports.items()}
         threads = [threading.Thread(target=stream, args=(s,)) for s in range(streams)]
         for thread in threads:
             thread.start()
@@ -80,13 +80,14 @@ def run_mode(window_ms: float, draft_window_ms: float, streams: int, per_stream:
         for thread in threads:
             thread.join()
         wall = time.perf_counter() - started
+        after = {part: scrape(port) for part, port in metrics_ports.items()}
         mean_batch = {}
         for service in ("verify", "draft"):
-            after = scrape(metrics_ports[service])
-            passes, items = (after.get((f"speculum_{service}_batch_{name}_total", frozenset()), 0.0)
+            passes, items = (after[service].get((f"speculum_{service}_batch_{name}_total", frozenset()), 0.0)
                              - before[service].get((f"speculum_{service}_batch_{name}_total", frozenset()), 0.0)
                              for name in ("passes", "items"))
             mean_batch[service] = round(items / passes, 2) if passes else None
+        rounds = {name: round(ms, 2) for name, ms in round_breakdown(before, after).items()}
     latencies.sort()
     return {
         "window_ms": window_ms,
@@ -97,6 +98,7 @@ def run_mode(window_ms: float, draft_window_ms: float, streams: int, per_stream:
         "requests": len(latencies),
         "mean_verify_batch": mean_batch["verify"],
         "mean_draft_batch": mean_batch["draft"],
+        **rounds,
         "answers": answers,
     }
 
@@ -125,6 +127,10 @@ def main() -> None:
         row["ratio"] = round(row["tokens_per_s"] / base, 3)
         print(f"{row['mode']:<24} {row['tokens_per_s']:>9.1f} {row['ratio']:>5.2f}x {row['p50_s']:>7.3f} "
               f"{row['p99_s']:>7.3f} {row['mean_verify_batch'] or '-':>12} {row['mean_draft_batch'] or '-':>11}")
+    print("a round as the orchestrator saw it (means, ms): draft / Verify call / the verifier's handling of it:")
+    for row in rows:
+        print(f"  {row['mode']:<24} {row['draft_round_ms']:6.2f} / {row['verify_round_ms']:6.2f} / "
+              f"{row['verify_handling_ms']:6.2f}")
     print(f"best batched / unbatched: {max(r['ratio'] for r in rows[1:]):.2f}x (target >= 2x); "
           f"identical answers: {same}")
     args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -60,7 +60,7 @@ def scrape(port: int) -> dict[tuple[str, frozenset], float]:
             for family in text_string_to_metric_families(text) for sample in family.samples}
 
 
-def _round_breakdown(before: dict, after: dict) -> dict:
+def round_breakdown(before: dict, after: dict) -> dict:
     """Mean ms of a round's two calls as the orchestrator saw them, and the verifier's own handling
     time of a Verify (the difference is transport, (de)serialization and scheduling)."""
 
@@ -100,7 +100,7 @@ def run(target_dir: Path, drafter: str, requests: int, max_new_tokens: int) -> d
                                        local.stats.target_forwards))
             rows["services"].append((len(remote.token_ids), remote.timing.ttft_s + remote.timing.decode_s,
                                      remote.speculation.target_forwards))
-        rounds = _round_breakdown(before, {part: scrape(port) for part, port in metrics_ports.items()})
+        rounds = round_breakdown(before, {part: scrape(port) for part, port in metrics_ports.items()})
         ttft = {"uncached": [], "cached": []}
         for index in range(requests):
             fresh = _image(1000 + index)  # never seen: the encoder runs

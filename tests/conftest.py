@@ -121,3 +121,32 @@ def build_prompt(engine: Engine, text: str, images: Sequence[bytes] = ()) -> Pro
     from speculum.config import SamplingParams
 
     return engine.prepare(GenerateRequest(text, list(images), SamplingParams(max_new_tokens=1))).prompt
+
+
+def assert_concurrent_requests_lossless(engine: Engine, verifier, drafter, draft_length: int, requests: int = 6,
+                                        max_new_tokens: int = 16) -> None:
+    """`requests` greedy requests (every other one with an image) speculating at once from their own
+    threads over `verifier` and `drafter`: each must equal the target alone."""
+    import threading
+
+    from orchestrator.loop import speculate
+    from orchestrator.stopping import StopChecker
+    from speculum.config import SamplingParams, SpeculationParams
+
+    prompts = [build_prompt(engine, f"Describe picture {i} in detail.", [png_bytes(i)] if i % 2 else [])
+               for i in range(requests)]
+    outputs: dict[int, list[int]] = {}
+
+    def one(i: int) -> None:
+        chunks = speculate(prompts[i], SamplingParams(max_new_tokens=max_new_tokens),
+                           SpeculationParams(num_draft_tokens=draft_length), verifier, drafter,
+                           StopChecker(max_new_tokens, frozenset()))
+        outputs[i] = [t for c in chunks for t in c.token_ids]
+
+    threads = [threading.Thread(target=one, args=(i,)) for i in range(requests)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=120)
+    for i, prompt in enumerate(prompts):
+        assert outputs.get(i) == hf_greedy(engine.target, prompt, max_new_tokens), i

@@ -7,18 +7,15 @@ with a batch window: outputs equal the target alone's, and passes really held se
 
 from __future__ import annotations
 
-import threading
 
 import grpc
 import pytest
 import torch
 
-from conftest import build_prompt, hf_greedy, png_bytes
+from conftest import assert_concurrent_requests_lossless, build_prompt, hf_greedy, png_bytes
 from draft_service.ngram import NgramDrafter
 from orchestrator.clients import GrpcVerifier
-from orchestrator.loop import speculate
-from orchestrator.stopping import StopChecker
-from speculum.config import SamplingParams, SpeculationParams
+from speculum.config import SamplingParams
 from speculum.records import DraftBlock
 from speculum.rpc.settings import BatchSettings, ServerSettings, SessionSettings
 from verify_service import server as verify_server
@@ -72,23 +69,7 @@ def test_concurrent_requests_share_passes_and_stay_lossless(llava_engine):
                                   SessionSettings(ttl_s=60, max_sessions=16), BatchSettings(window_s=0.01, max_batch=8))
     try:
         verifier = GrpcVerifier(grpc.insecure_channel(running.address))
-        prompts = [build_prompt(llava_engine, f"Describe picture {i} in detail.", [png_bytes(i)] if i % 2 else [])
-                   for i in range(6)]
-        outputs: dict[int, list[int]] = {}
-
-        def one(i):
-            sampling = SamplingParams(max_new_tokens=16)
-            chunks = speculate(prompts[i], sampling, SpeculationParams(num_draft_tokens=3), verifier, NgramDrafter(),
-                               StopChecker(16, frozenset()))
-            outputs[i] = [t for c in chunks for t in c.token_ids]
-
-        threads = [threading.Thread(target=one, args=(i,)) for i in range(len(prompts))]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join(timeout=120)
-        for i, prompt in enumerate(prompts):
-            assert outputs[i] == hf_greedy(llava_engine.target, prompt, 16), i
+        assert_concurrent_requests_lossless(llava_engine, verifier, NgramDrafter(), draft_length=3)
         stats = running.servicer.batcher.stats
         assert stats.largest > 1 and stats.items > stats.passes, stats
         assert len(running.servicer.sessions) == 0

@@ -9,22 +9,19 @@ target's, and passes really held several sessions.
 from __future__ import annotations
 
 import copy
-import threading
 
 import grpc
 import pytest
 import torch
 
-from conftest import build_prompt, hf_greedy, png_bytes
+from conftest import assert_concurrent_requests_lossless, build_prompt, png_bytes
 from draft_service import server as draft_server
 from draft_service.feature.checkpoint import new_model
 from draft_service.feature.drafter import FeatureDrafter
 from draft_service.feature.many import Round, draft_many
 from draft_service.feature.target_parts import load_target_parts, target_ref
 from orchestrator.clients import GrpcDrafter
-from orchestrator.loop import speculate
-from orchestrator.stopping import StopChecker
-from speculum.config import SamplingParams, SpeculationParams
+from speculum.config import SamplingParams
 from speculum.metrics import batch_collector
 from speculum.records import join_pieces
 from speculum.rpc.settings import BatchSettings, ServerSettings, SessionSettings
@@ -117,22 +114,7 @@ def test_concurrent_requests_share_drafter_passes_and_stay_lossless(llava_engine
                                  SessionSettings(ttl_s=60, max_sessions=16), BatchSettings(window_s=0.01, max_batch=8))
     try:
         remote = GrpcDrafter(grpc.insecure_channel(running.address), round_deadline_s=30.0)
-        prompts = [build_prompt(llava_engine, f"Describe picture {i} in detail.", [png_bytes(i)] if i % 2 else [])
-                   for i in range(6)]
-        outputs: dict[int, list[int]] = {}
-
-        def one(i):
-            chunks = speculate(prompts[i], SamplingParams(max_new_tokens=16), SpeculationParams(num_draft_tokens=4),
-                               llava_engine.verifier, remote, StopChecker(16, frozenset()))
-            outputs[i] = [t for c in chunks for t in c.token_ids]
-
-        threads = [threading.Thread(target=one, args=(i,)) for i in range(len(prompts))]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join(timeout=120)
-        for i, prompt in enumerate(prompts):
-            assert outputs[i] == hf_greedy(llava_engine.target, prompt, 16), i
+        assert_concurrent_requests_lossless(llava_engine, llava_engine.verifier, remote, draft_length=4)
         stats = running.servicer.batcher.stats
         assert stats.largest > 1 and stats.items > stats.passes, stats
         exported = {m.name: m.samples[0].value for m in batch_collector(lambda: stats, "draft").collect()}
