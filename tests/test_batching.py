@@ -7,7 +7,6 @@ with a batch window: outputs equal the target alone's, and passes really held se
 
 from __future__ import annotations
 
-
 import grpc
 import pytest
 import torch
