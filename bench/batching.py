@@ -88,6 +88,10 @@ def run_mode(window_ms: float, draft_window_ms: float, streams: int, per_stream:
                              for name in ("passes", "items"))
             mean_batch[service] = round(items / passes, 2) if passes else None
         rounds = {name: round(ms, 2) for name, ms in round_breakdown(before, after).items()}
+        # CPU seconds each part used over the load (its process_* metrics): which core is the bottleneck.
+        cpu = {part: round(after[part].get(("process_cpu_seconds_total", frozenset()), 0.0)
+                           - before[part].get(("process_cpu_seconds_total", frozenset()), 0.0), 2)
+               for part in ("verify", "draft", "orchestrator")}
     latencies.sort()
     return {
         "window_ms": window_ms,
@@ -99,6 +103,8 @@ def run_mode(window_ms: float, draft_window_ms: float, streams: int, per_stream:
         "mean_verify_batch": mean_batch["verify"],
         "mean_draft_batch": mean_batch["draft"],
         **rounds,
+        "wall_s": round(wall, 2),
+        "cpu_s": cpu,
         "answers": answers,
     }
 
@@ -131,6 +137,11 @@ def main() -> None:
     for row in rows:
         print(f"  {row['mode']:<24} {row['draft_round_ms']:6.2f} / {row['verify_round_ms']:6.2f} / "
               f"{row['verify_handling_ms']:6.2f}")
+    print("CPU seconds over the load (verifier / drafter / orchestrator replica) and wall seconds:")
+    for row in rows:
+        cpu = row["cpu_s"]
+        print(f"  {row['mode']:<24} {cpu['verify']:5.2f} / {cpu['draft']:5.2f} / {cpu['orchestrator']:5.2f}  "
+              f"of {row['wall_s']:.2f} s")
     print(f"best batched / unbatched: {max(r['ratio'] for r in rows[1:]):.2f}x (target >= 2x); "
           f"identical answers: {same}")
     args.out.parent.mkdir(parents=True, exist_ok=True)
