@@ -173,9 +173,10 @@ LOOKUP_PROPOSAL = RecipeConfig(train=TrainConfig(steps=3000, mix=LOOKUP_MIX))
 # Issue 3 trials (see `probe_tied` and `loss_per_answer`): the FULL recipe with one or both changes.
 # Measured 2026-11-22 (one thread each, stopped at LM step N of the same 1800-step cosine, 50 held-out
 # items per kind, `evaluate --per-kind 50`), pooled key-fact accuracy / colour-of-a-shape:
-# FULL 0.31 / 0.30 at 600 and 0.57 / 0.62 at 1200; TIED 0.31 / 0.28 at 600 and 0.54 / 0.36 at 1200;
-# PER_ANSWER 0.36 / 0.56 at 600; TIED_PER_ANSWER 0.41 / 0.52 at 600 and 0.54 / 0.72 at 1200 (describe
-# 0.00, count_shape 0.32 against FULL's 0.16 and 0.56). None is worth a full build on this evidence.
+# FULL 0.31 / 0.30 at 600, 0.57 / 0.62 at 1200, 0.65 / 0.64 at 1800; TIED 0.31 / 0.28 at 600 and
+# 0.54 / 0.36 at 1200; PER_ANSWER 0.36 / 0.56 at 600; TIED_PER_ANSWER 0.41 / 0.52 at 600, 0.54 / 0.72
+# at 1200, 0.63 / 0.70 at 1800 (there describe 0.04 and shape 0.62 against FULL's 0.36 and 0.96).
+# None is worth a full build on this evidence.
 TIED = RecipeConfig(train=TrainConfig(probe_tied=True))
 PER_ANSWER = RecipeConfig(train=TrainConfig(loss_per_answer=True))
 TIED_PER_ANSWER = RecipeConfig(train=TrainConfig(probe_tied=True, loss_per_answer=True))
