@@ -25,7 +25,6 @@ class DraftBatcher:
     """Drafts rounds for many threads, batching the ones that arrive together."""
 
     def __init__(self, settings: BatchSettings, device: threading.Lock, live_sessions: Callable[[], int] | None = None):
-        self.settings = settings
         self._window: BatchWindow[Round, list[DraftBlock] | Exception] = BatchWindow(
             settings.window_s, settings.max_batch, device,
             run_batch=self._run_batch, run_one=lambda r: self._run_batch([r])[0], enough=live_sessions,

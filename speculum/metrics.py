@@ -22,6 +22,7 @@ import grpc
 from prometheus_client import CollectorRegistry, Counter, Histogram, ProcessCollector, start_http_server
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
+from speculum.batch_window import BatchStats
 from speculum.rpc.settings import MetricsSettings
 from speculum.sessions import SessionStore
 from speculum.stats import SpecStats
@@ -205,19 +206,10 @@ def prefix_cache_collector(stats: Callable[[], object]) -> CountersCollector:
 def batch_collector(stats: Callable[[], object | None], service: str) -> CountersCollector:
     """A service's batch window (`speculum.batch_window.BatchStats`); items / passes is the mean
     batch. Zeros when batching is off."""
-    return CountersCollector(lambda: stats() or _NO_BATCHES, f"speculum_{service}_batch", {
+    return CountersCollector(lambda: stats() or BatchStats(), f"speculum_{service}_batch", {
         "passes": "Batched passes run (each holds one or more sessions' work).",
         "items": "Sessions' work items (blocks or draft rounds) run in those passes.",
     })
-
-
-@dataclass(frozen=True)
-class _NoBatches:
-    passes: int = 0
-    items: int = 0
-
-
-_NO_BATCHES = _NoBatches()
 
 
 # --- speculation (the orchestrator) -------------------------------------------------------------

@@ -17,7 +17,6 @@ class VerifyBatcher:
     """Verifies blocks for many threads, batching the ones that arrive together."""
 
     def __init__(self, settings: BatchSettings, device: threading.Lock, live_sessions: Callable[[], int] | None = None):
-        self.settings = settings
         self._window: BatchWindow[tuple[TargetSession, DraftBlock], VerifyResult] = BatchWindow(
             settings.window_s, settings.max_batch, device,
             run_batch=lambda items: verify_batch([s for s, _ in items], [b for _, b in items]),
