@@ -15,7 +15,7 @@ from transformers import AutoImageProcessor
 
 from orchestrator.loop import Chunk, speculate
 from orchestrator.prompting import PromptBuilder, prompt_inputs
-from orchestrator.protocols import Drafter, ImageEncoder, Verifier
+from orchestrator.protocols import Drafter, ImageEncoder, LoopHost, Verifier
 from orchestrator.stopping import FinishReason, StopChecker
 from speculum.config import SamplingParams, SpeculationParams
 from speculum.errors import InvalidArgument, Unavailable
@@ -71,13 +71,16 @@ class PreparedRequest:
 class Engine:
     """Serves requests over any Verifier / Drafter / ImageEncoder: in-process objects or gRPC clients."""
 
-    def __init__(self, facts: ModelFacts, prompts: PromptBuilder, verifier: Verifier, drafter: Drafter | None = None,
-                 encoder: ImageEncoder | None = None):
+    def __init__(self, facts: ModelFacts, prompts: PromptBuilder, verifier: Verifier | None, drafter: Drafter | None = None,
+                 encoder: ImageEncoder | None = None, loop_host: LoopHost | None = None):
+        """`loop_host`: runs each request's loop elsewhere (the verify service); else it runs here
+        over `verifier` and `drafter`."""
         self.facts = facts
         self.prompts = prompts
         self.verifier = verifier
         self.drafter = drafter
         self.encoder = encoder
+        self.loop_host = loop_host
         self.target: VisionLanguageModel | None = None  # set when the target runs in this process
 
     @classmethod
@@ -116,6 +119,8 @@ class Engine:
     def stream(self, prepared: PreparedRequest) -> Iterator[Chunk]:
         """Yield the request's chunks as the loop settles them."""
         request = prepared.request
+        if self.loop_host is not None:
+            return self.loop_host.stream(prepared.prompt, request.sampling, request.speculation, prepared.started)
         return speculate(prepared.prompt, request.sampling, request.speculation, self.verifier, self.drafter,
                          prepared.stop, prepared.started)
 

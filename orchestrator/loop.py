@@ -44,7 +44,8 @@ MAX_KEPT_FEATURE_BYTES = 64 * 2**20
 
 @dataclass(frozen=True)
 class Chunk:
-    """Tokens emitted by one round. The last chunk of a request carries `finish` and `stats`."""
+    """Tokens emitted by one round; `stats`: the request's counts so far (a snapshot). The last chunk
+    of a request carries `finish`, and its `stats` are final (timing included)."""
 
     token_ids: tuple[int, ...]
     finish: FinishReason | None = None
@@ -296,7 +297,7 @@ def speculate(
             draft.prefill(prompt, first)
         pending = tuple(generated)
         while finish is None:
-            yield Chunk(pending)
+            yield Chunk(pending, stats=dataclasses.replace(stats))
             # propose: K from recent acceptance and load (adaptive) or fixed; never draft past what
             # may still be emitted (the bonus token always is)
             k = lengths.next_length()

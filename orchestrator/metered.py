@@ -1,7 +1,8 @@
 """Verifier and Drafter wrappers that time each round and count accepted tokens for Prometheus.
 
-They sit between the engine and the gRPC clients in the Serve replica, so the loop stays free of
-metrics (observability at the edge) and the same loop runs unmetered in-process.
+They sit between the loop and its Verifier / Drafter wherever it runs as a service (the Serve
+replica, or the verifier hosting the loop), so the loop stays free of metrics (observability at
+the edge) and the same loop runs unmetered in-process.
 """
 
 from __future__ import annotations
@@ -11,12 +12,12 @@ from collections.abc import Iterator, Sequence
 
 from orchestrator.protocols import DraftSession, Drafter, Verifier, VerifySession
 from speculum.config import SamplingParams
-from speculum.metrics import SpecMetrics
+from speculum.metrics import RoundMetrics
 from speculum.records import DraftBlock, PromptInputs, VerifyResult
 
 
 class MeteredVerifySession:
-    def __init__(self, inner: VerifySession, metrics: SpecMetrics):
+    def __init__(self, inner: VerifySession, metrics: RoundMetrics):
         self._inner = inner
         self._metrics = metrics
 
@@ -36,7 +37,7 @@ class MeteredVerifySession:
 
 
 class MeteredVerifier:
-    def __init__(self, inner: Verifier, metrics: SpecMetrics):
+    def __init__(self, inner: Verifier, metrics: RoundMetrics):
         self._inner = inner
         self._metrics = metrics
 
@@ -45,7 +46,7 @@ class MeteredVerifier:
 
 
 class MeteredDraftSession:
-    def __init__(self, inner: DraftSession, metrics: SpecMetrics):
+    def __init__(self, inner: DraftSession, metrics: RoundMetrics):
         self._inner = inner
         self._metrics = metrics
 
@@ -68,7 +69,7 @@ class MeteredDraftSession:
 
 
 class MeteredDrafter:
-    def __init__(self, inner: Drafter, metrics: SpecMetrics):
+    def __init__(self, inner: Drafter, metrics: RoundMetrics):
         self._inner = inner
         self._metrics = metrics
 

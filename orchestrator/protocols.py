@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Iterator, Sequence
 from typing import Protocol
 
-from speculum.config import SamplingParams
+from speculum.config import SamplingParams, SpeculationParams
 from speculum.records import DraftBlock, PromptInputs, VerifyResult
 from vision_encoder.encoder import EncodedImage
 
@@ -53,3 +53,10 @@ class Drafter(Protocol):
 
     def open(self, sampling: SamplingParams) -> DraftSession:
         """A new session; `sampling.seed` is already resolved."""
+
+
+class LoopHost(Protocol):
+    def stream(self, prompt: PromptInputs, sampling: SamplingParams, speculation: SpeculationParams,
+               started: float) -> Iterator:
+        """Run one request's loop elsewhere; yields its `orchestrator.loop.Chunk`s as they settle
+        (`started`: the request's arrival, perf_counter, for TTFT)."""

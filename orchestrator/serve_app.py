@@ -1,9 +1,10 @@
 """The Ray Serve application behind the public gRPC API (`speculum.v1.Speculum`).
 
-A replica holds no model: it tokenizes with the target's tokenizer, then runs the speculative
-loop over gRPC clients of the verify and draft services. The loop is blocking, so each request
-steps it in a worker thread; when Serve cancels the request (client gone, deadline passed) the
-loop's generator is closed, which releases the sessions in both services.
+A replica holds no model: it tokenizes with the target's tokenizer, has the images encoded, then
+relays the request's loop, which runs beside the target (`Verifier.Generate`), or, with
+`loop_at=ORCHESTRATOR`, runs here over gRPC clients of the verify and draft services. Either is
+blocking, so each request steps it in a worker thread; when Serve cancels the request (client gone,
+deadline passed) the generator is closed, which releases the sessions in both services.
 
 Each request runs in a `speculum.generate` span that continues the caller's trace: Serve's gRPC
 proxy forwards the public call's metadata, `traceparent` included, in `grpc_context`. The worker
@@ -32,8 +33,9 @@ from orchestrator.loop import Chunk
 from orchestrator.metered import MeteredDrafter, MeteredVerifier
 from orchestrator.prompting import PromptBuilder
 from orchestrator.public_api import chunk_to_proto, request_from_proto
+from orchestrator.remote_loop import GrpcLoopHost, LoopPlacement
 from speculum.errors import SpeculumError, Unauthenticated
-from speculum.metrics import RpcMetrics, SpecMetrics, export, new_registry
+from speculum.metrics import RoundMetrics, RpcMetrics, SpecMetrics, export, new_registry
 from speculum.model_facts import ModelFacts
 from speculum.rpc.settings import ClientSettings, MetricsSettings
 from speculum.rpc.status import code_for
@@ -57,6 +59,9 @@ class OrchestratorConfig:
         by Serve at once instead of queueing without bound.
     api_token: when set, every public call must carry `authorization: Bearer <token>` (off locally).
     clients: TLS towards the services and the per-round draft deadline.
+    loop_at: where requests' loops run. VERIFIER (default): the verify service runs each loop and
+        drafts with its own draft-service client (its SPECULUM_DRAFT_ADDRESS); `draft_address` is
+        then unused here. ORCHESTRATOR: this replica runs them over clients of both services.
     metrics: the replica's Prometheus exporter (off by default; replica i on a node takes port + i)."""
 
     target_dir: str
@@ -71,6 +76,7 @@ class OrchestratorConfig:
     api_token: str | None = None
     clients: ClientSettings = ClientSettings()
     metrics: MetricsSettings = MetricsSettings()
+    loop_at: LoopPlacement = LoopPlacement.VERIFIER
 
 
 class SpeculumApp:
@@ -83,11 +89,6 @@ class SpeculumApp:
         def channel(address: str) -> grpc.Channel:
             return connect(address, config.clients, config.max_message_bytes)
 
-        verifier = GrpcVerifier(channel(config.verify_address), timeout_s=config.verify_timeout_s)
-        drafter = None
-        if config.draft_address:
-            drafter = GrpcDrafter(channel(config.draft_address), timeout_s=config.draft_timeout_s,
-                                  round_deadline_s=config.clients.draft_round_deadline_s)
         encoder = None
         if config.encoder_address:
             encoder = GrpcImageEncoder(channel(config.encoder_address))
@@ -95,10 +96,21 @@ class SpeculumApp:
         registry = new_registry()
         self._rpc_metrics = RpcMetrics(registry)
         self._spec_metrics = SpecMetrics(registry)
-        verifier = MeteredVerifier(verifier, self._spec_metrics)
-        drafter = None if drafter is None else MeteredDrafter(drafter, self._spec_metrics)
         self.metrics = export(registry, config.metrics, _replica_metrics_port(config.metrics))
-        self.engine = Engine(facts, prompts, verifier, drafter, encoder)
+        if config.loop_at is LoopPlacement.VERIFIER:
+            host = GrpcLoopHost(channel(config.verify_address))
+            self.engine = Engine(facts, prompts, None, None, encoder, loop_host=host)
+        else:
+            rounds = RoundMetrics(registry)
+            verifier = MeteredVerifier(GrpcVerifier(channel(config.verify_address), config.verify_timeout_s), rounds)
+            drafter = None
+            if config.draft_address:
+                drafter = MeteredDrafter(
+                    GrpcDrafter(channel(config.draft_address), timeout_s=config.draft_timeout_s,
+                                round_deadline_s=config.clients.draft_round_deadline_s),
+                    rounds,
+                )
+            self.engine = Engine(facts, prompts, verifier, drafter, encoder)
         self._threads = ThreadPoolExecutor(max_workers=config.max_concurrent, thread_name_prefix="loop")
         self._api_token = config.api_token
 

@@ -5,7 +5,8 @@ SPECULUM_DRAFT_ADDRESS (empty: no speculation), SPECULUM_ENCODER_ADDRESS, SPECUL
 (50051), SPECULUM_HTTP_PORT (8000, Serve's /-/healthz), SPECULUM_HTTP_HOST (127.0.0.1; 0.0.0.0 in
 a pod), SPECULUM_ORCHESTRATOR_REPLICAS (1), SPECULUM_API_TOKEN (unset: no bearer-token check),
 SPECULUM_TLS_CA (TLS towards the services), SPECULUM_DRAFT_ROUND_DEADLINE_S (1.0),
-SPECULUM_METRICS_PORT (9100; replica i on a node serves 9100 + i; `off`: no exporter).
+SPECULUM_METRICS_PORT (9100; replica i on a node serves 9100 + i; `off`: no exporter),
+SPECULUM_LOOP_AT (`verifier`, the default: the verify service runs requests' loops; `orchestrator`).
 Runs until SIGTERM, then shuts Ray Serve down.
 """
 
@@ -19,6 +20,7 @@ import threading
 from pathlib import Path
 
 from orchestrator import ray_runtime
+from orchestrator.remote_loop import LoopPlacement
 from orchestrator.serve_app import OrchestratorConfig
 from speculum.logs import setup_logging
 from speculum.rpc.settings import ClientSettings, MetricsSettings
@@ -36,6 +38,7 @@ def config_from_env() -> tuple[OrchestratorConfig, ray_runtime.RayServeSettings]
         clients=ClientSettings.from_env(),
         # Prometheus must reach the pod IP: the exporter binds where Serve's HTTP proxy does.
         metrics=MetricsSettings.from_env(env.get("SPECULUM_HTTP_HOST", "127.0.0.1")),
+        loop_at=LoopPlacement(env.get("SPECULUM_LOOP_AT", LoopPlacement.VERIFIER.value)),
     )
     settings = ray_runtime.RayServeSettings(
         grpc_port=int(env.get("SPECULUM_PUBLIC_PORT", "50051")),

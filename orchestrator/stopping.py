@@ -30,13 +30,16 @@ class StopChecker:
         eos_token_ids: frozenset[int],
         stop_strings: Sequence[str] = (),
         decode: Callable[[Sequence[int]], str] | None = None,
+        preceding: Sequence[int] = (),
     ):
+        """`preceding`: tokens emitted before these (a resumed request's), which stop strings may span."""
         assert decode is not None or not stop_strings, "stop strings need a decoder"
         self.max_new_tokens = max_new_tokens
         self.eos_token_ids = eos_token_ids
         self.stop_strings = tuple(stop_strings)
         self._decode = decode
         self._longest_stop = max((len(s) for s in stop_strings), default=0)
+        self._preceding = tuple(preceding)
 
     def offer(self, generated: Sequence[int], new_tokens: Sequence[int]) -> StopDecision:
         """`generated` holds the tokens kept so far; `new_tokens` the candidates to append."""
@@ -44,7 +47,7 @@ class StopChecker:
         for i, token in enumerate(new_tokens[:room]):
             if token in self.eos_token_ids:
                 return StopDecision(i + 1, FinishReason.EOS)
-            if self.stop_strings and self._completes_stop([*generated, *new_tokens[: i + 1]]):
+            if self.stop_strings and self._completes_stop([*self._preceding, *generated, *new_tokens[: i + 1]]):
                 return StopDecision(i + 1, FinishReason.STOP)
         if len(new_tokens) >= room:
             return StopDecision(room, FinishReason.LENGTH)

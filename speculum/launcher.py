@@ -39,7 +39,9 @@ class StackConfig:
     pin_cores: verifier on core 0, drafter on core 1 (when the machine has two cores or more).
     metrics_port: Prometheus /metrics of each part: N puts the orchestrator on N, the encoder on N+1,
         the verifier on N+2, the drafter on N+3; 0 (default) picks free ports (logged, `metrics_ports`);
-        None turns the exporters off."""
+        None turns the exporters off.
+    loop_at: where requests' loops run (`orchestrator.remote_loop.LoopPlacement` value): "verifier"
+        (default) or "orchestrator"."""
 
     target_dir: Path
     drafter: str = "ngram"
@@ -50,6 +52,7 @@ class StackConfig:
     startup_timeout_s: float = 180.0
     public_tls: TlsServerSettings | None = None
     metrics_port: int | None = 0
+    loop_at: str = "verifier"
 
 
 @dataclass
@@ -167,6 +170,7 @@ class LocalStack:
 
     def start(self) -> None:
         from orchestrator import ray_runtime
+        from orchestrator.remote_loop import LoopPlacement
         from orchestrator.serve_app import OrchestratorConfig
 
         # Short path: Ray keeps unix sockets under it (107-byte limit).
@@ -180,17 +184,20 @@ class LocalStack:
         cores = {"VERIFY": "0", "DRAFT": "1"} if self.config.pin_cores and (os.cpu_count() or 1) >= 2 else {}
         self._spawn("encoder", "ENCODER", ["vision_encoder.server", "--target", target, "--drafter", self.config.drafter],
                     "speculum.v1.VisionEncoder")
-        self._spawn("verify", "VERIFY", ["verify_service.server", "--target", target], "speculum.v1.Verifier",
-                    cores.get("VERIFY"))
-        self._spawn("draft", "DRAFT", ["draft_service.server", "--target", target, "--drafter", self.config.drafter],
-                    "speculum.v1.Drafter", cores.get("DRAFT"))
+        draft = self._spawn("draft", "DRAFT",
+                            ["draft_service.server", "--target", target, "--drafter", self.config.drafter],
+                            "speculum.v1.Drafter", cores.get("DRAFT"))
+        # The verifier drafts with the drafter directly when it hosts requests' loops.
+        self._spawn("verify", "VERIFY", ["verify_service.server", "--target", target, "--drafter-address",
+                                         draft.address], "speculum.v1.Verifier", cores.get("VERIFY"))
         for service in self.services:
             service.wait_healthy(self.config.startup_timeout_s)
         by_name = {s.name: s.address for s in self.services}
         orchestrator = OrchestratorConfig(target, by_name["verify"], by_name["draft"], by_name["encoder"],
                                           metrics=MetricsSettings(port=self._metrics_port("orchestrator")),
                                           api_token=os.environ.get("SPECULUM_API_TOKEN") or None,
-                                          clients=ClientSettings.from_env())
+                                          clients=ClientSettings.from_env(),
+                                          loop_at=LoopPlacement(self.config.loop_at))
         public_tls = self.config.public_tls or TlsServerSettings.from_env("PUBLIC")
         # With TLS, Serve's plaintext proxy listens on a loopback port behind the TLS front.
         serve_port = free_port() if public_tls else self.config.port
@@ -211,7 +218,8 @@ class LocalStack:
         log.info("%s metrics at http://127.0.0.1:%d/metrics", name, port)
         return port
 
-    def _spawn(self, name: str, prefix: str, module_args: list[str], service: str, cpus: str | None = None) -> None:
+    def _spawn(self, name: str, prefix: str, module_args: list[str], service: str,
+               cpus: str | None = None) -> ServiceProcess:
         port = free_port()
         env = {**os.environ, f"SPECULUM_{prefix}_PORT": str(port), "HF_HUB_OFFLINE": "1"}
         metrics_port = self._metrics_port(name)  # explicit: the three would all default to 9100
@@ -222,6 +230,7 @@ class LocalStack:
             env[f"SPECULUM_{prefix}_CPUS"] = cpus
         process = ServiceProcess(name, module_args, service, port, env, self.workdir / f"{name}.log")
         self.services.append(process.start())
+        return process
 
     def stop(self) -> None:
         if self.tls_front is not None:

@@ -215,16 +215,10 @@ def batch_collector(stats: Callable[[], object | None], service: str) -> Counter
 # --- speculation (the orchestrator) -------------------------------------------------------------
 
 
-class SpecMetrics:
-    """What the orchestrator learns per request (from `SpecStats`) and per round."""
+class RoundMetrics:
+    """Per round, where the loop runs (the orchestrator, or the verifier when it hosts the loop)."""
 
     def __init__(self, registry: CollectorRegistry):
-        self.tau = Histogram(
-            "speculum_mean_accepted_length",
-            "τ per request: tokens emitted per target verification pass, bonus token included.",
-            buckets=TAU_BUCKETS,
-            registry=registry,
-        )
         self.accepted_per_round = Histogram(
             "speculum_accepted_tokens_per_round",
             "Draft tokens the target accepted in one verification round.",
@@ -236,8 +230,20 @@ class SpecMetrics:
             buckets=ROUND_BUCKETS, registry=registry,
         )
         self.verify_round = Histogram(
-            "speculum_verify_round_seconds", "One verification round: the Verify call.",
+            "speculum_verify_round_seconds", "One verification round: the Verify call (or the local pass).",
             buckets=ROUND_BUCKETS, registry=registry,
+        )
+
+
+class SpecMetrics:
+    """What the orchestrator learns per request (from `SpecStats`)."""
+
+    def __init__(self, registry: CollectorRegistry):
+        self.tau = Histogram(
+            "speculum_mean_accepted_length",
+            "τ per request: tokens emitted per target verification pass, bonus token included.",
+            buckets=TAU_BUCKETS,
+            registry=registry,
         )
         self.ttft = Histogram(
             "speculum_time_to_first_token_seconds", "Request arrival to its first token.",

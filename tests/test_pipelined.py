@@ -150,16 +150,16 @@ def test_pipelined_through_the_services(llava_engine, small_llava_drafter_model)
 
 
 def test_the_metered_wrappers_of_the_serve_replica_pass_the_look_ahead_through(llava_engine):
-    """The Serve replica wraps the clients for Prometheus; a wrapper that drops `assume` would
+    """The Serve replica (or a verifier hosting loops) wraps the clients for Prometheus; a wrapper that drops `assume` would
     silently turn pipelining off (it did once)."""
     from prometheus_client import CollectorRegistry
 
     from orchestrator.metered import MeteredDrafter, MeteredVerifier
-    from speculum.metrics import SpecMetrics
+    from speculum.metrics import RoundMetrics
 
     prompt = build_prompt(llava_engine, "Hi")
     reference = hf_greedy(llava_engine.target, prompt, MAX_NEW)
-    metrics = SpecMetrics(CollectorRegistry())
+    metrics = RoundMetrics(CollectorRegistry())
     drafter = MeteredDrafter(ScriptedDrafter(reference, None, llava_engine.target.vocab_size), metrics)
     chunks = list(speculate(prompt, SamplingParams(max_new_tokens=MAX_NEW), PIPELINED,
                             MeteredVerifier(llava_engine.verifier, metrics), drafter, StopChecker(MAX_NEW, frozenset())))

@@ -58,13 +58,15 @@ def start_server(
     service_names: Sequence[str],
     servicer: object | None = None,
     collectors: Sequence[Collector] = (),
+    registry: CollectorRegistry | None = None,
 ) -> RunningServer:
     """Start a server with the given servicers, grpc.health.v1 and reflection; return once bound.
 
     Every call is counted and timed; `collectors` add the service's own metrics (sessions, cache).
-    All of it is served at /metrics when `settings.metrics` names a port.
+    All of it is served at /metrics when `settings.metrics` names a port. `registry`: one the
+    service already registered metrics of its own in (default: a new one).
     """
-    registry = new_registry()
+    registry = new_registry() if registry is None else registry
     for collector in collectors:
         registry.register(collector)
     server = grpc.server(

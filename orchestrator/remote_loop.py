@@ -1,0 +1,164 @@
+"""Requests whose loop runs beside the target (`Verifier.Generate`, see verify_service.hosted).
+
+The orchestrator sends the prepared prompt once and relays the chunks. When the verifier loses the
+stream (restarted, drained: UNAVAILABLE or NOT_FOUND), the request goes on from what it emitted on
+a fresh stream, for a bounded time: the prompt followed by the emitted tokens is prefilled, so the
+next token is the one the lost stream would have produced (greedy output unchanged; a sampled
+request continues with a seed derived for the new stream, so it stays an exact sample).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import logging
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+
+import grpc
+
+from orchestrator.loop import RESUME_WITHIN_S, Chunk, fresh_seed
+from orchestrator.public_api import FINISH
+from speculum.config import SamplingParams, SpeculationParams
+from speculum.errors import Unavailable
+from speculum.records import PromptInputs
+from speculum.rpc import convert
+from speculum.rpc.status import error_from_rpc
+from speculum.stats import SpecStats
+from speculum.v1 import verifier_pb2, verifier_pb2_grpc
+
+log = logging.getLogger("speculum.remote_loop")
+
+FINISH_BACK = {value: key for key, value in FINISH.items()}
+COUNTS = ("target_forwards", "draft_tokens", "accepted_tokens", "emitted_tokens", "drafted_ahead")
+RESUMABLE = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.NOT_FOUND)
+
+
+class LoopPlacement(enum.Enum):
+    """Where a request's loop runs: beside the target (default: a round is one message each way to
+    the drafter, and the target is a local call) or in the orchestrator (two calls per round)."""
+
+    VERIFIER = "verifier"
+    ORCHESTRATOR = "orchestrator"
+
+
+@dataclass(frozen=True)
+class LoopRequest:
+    """One stream's work. prompt: followed by `emitted` on a resumed stream; sampling: resolved seed,
+    max_new_tokens left after `emitted`, stop strings; emitted: what the request emitted before this stream."""
+
+    prompt: PromptInputs
+    sampling: SamplingParams
+    speculation: SpeculationParams
+    emitted: tuple[int, ...] = ()
+
+
+# --- wire -----------------------------------------------------------------------------------------
+def loop_request_to_proto(request: LoopRequest) -> verifier_pb2.LoopRequest:
+    message = verifier_pb2.LoopRequest(
+        prompt=convert.prompt_to_proto(request.prompt, with_pixels=request.prompt.visual_embeds is None),
+        sampling=convert.session_sampling_to_proto(request.sampling),
+        stop=request.sampling.stop,
+        emitted=request.emitted,
+    )
+    speculation = request.speculation
+    message.speculation.enabled = speculation.enabled
+    message.speculation.num_draft_tokens = speculation.num_draft_tokens
+    message.speculation.pipelined = speculation.pipelined
+    message.speculation.adaptive = speculation.adaptive
+    return message
+
+
+def loop_request_from_proto(message: verifier_pb2.LoopRequest) -> LoopRequest:
+    sampling = dataclasses.replace(convert.session_sampling_from_proto(message.sampling), stop=tuple(message.stop))
+    defaults, given = SpeculationParams(), message.speculation
+    speculation = SpeculationParams(
+        enabled=given.enabled if given.HasField("enabled") else defaults.enabled,
+        num_draft_tokens=given.num_draft_tokens if given.HasField("num_draft_tokens") else defaults.num_draft_tokens,
+        pipelined=given.pipelined if given.HasField("pipelined") else defaults.pipelined,
+        adaptive=given.adaptive if given.HasField("adaptive") else defaults.adaptive,
+    )
+    return LoopRequest(convert.prompt_from_proto(message.prompt), sampling, speculation, tuple(message.emitted))
+
+
+def loop_chunk_to_proto(chunk: Chunk) -> verifier_pb2.LoopChunk:
+    message = verifier_pb2.LoopChunk(token_ids=chunk.token_ids)
+    if chunk.finish is not None:
+        message.finish_reason = FINISH[chunk.finish]
+    for name in COUNTS:
+        setattr(message.stats, name, getattr(chunk.stats, name))
+    return message
+
+
+def _counts(message: verifier_pb2.LoopChunk) -> SpecStats:
+    return SpecStats(**{name: getattr(message.stats, name) for name in COUNTS})
+
+
+def _add(total: SpecStats, more: SpecStats) -> SpecStats:
+    return dataclasses.replace(total, **{name: getattr(total, name) + getattr(more, name) for name in COUNTS})
+
+
+# --- the client -----------------------------------------------------------------------------------
+class GrpcLoopHost:
+    """Runs each request's loop on a verify service, relaying its chunks."""
+
+    def __init__(self, channel: grpc.Channel, resume_within_s: float = RESUME_WITHIN_S):
+        self._stub = verifier_pb2_grpc.VerifierStub(channel)
+        self.resume_within_s = resume_within_s
+
+    def stream(self, prompt: PromptInputs, sampling: SamplingParams, speculation: SpeculationParams,
+               started: float) -> Iterator[Chunk]:
+        """The request's chunks, as `orchestrator.loop.speculate` yields them (timing as this side saw it)."""
+        sampling = sampling.with_seed()
+        emitted: list[int] = []
+        done = SpecStats()  # counts of streams that ended early
+        first_at: float | None = None
+        streams = 0
+        lost_at: float | None = None
+        while True:
+            request = self._request(prompt, sampling, speculation, emitted, streams)
+            # Started in the caller's context: the instrumented channel carries the request's trace.
+            call = self._stub.Generate(loop_request_to_proto(request))
+            counts = SpecStats()
+            try:
+                for message in call:
+                    lost_at = None
+                    counts = _counts(message)
+                    tokens = tuple(message.token_ids)
+                    emitted.extend(tokens)
+                    if first_at is None:
+                        first_at = time.perf_counter()
+                    if message.finish_reason:
+                        stats = _add(done, counts)
+                        stats.ttft_s = first_at - started
+                        stats.decode_s = time.perf_counter() - first_at
+                        yield Chunk(tokens, FINISH_BACK[message.finish_reason], stats)
+                        return
+                    yield Chunk(tokens)
+                raise Unavailable("the verifier ended the request's stream before it finished")
+            except grpc.RpcError as exc:
+                if exc.code() not in RESUMABLE:
+                    raise error_from_rpc(exc) from exc
+                lost_at = lost_at or time.monotonic()
+                if time.monotonic() - lost_at > self.resume_within_s:
+                    raise Unavailable(f"verifier: not back within {self.resume_within_s:.0f} s: "
+                                      f"{exc.code().name}: {exc.details()}") from exc
+                log.warning("verifier lost the request's stream (%s); resuming at %d tokens", exc.code().name,
+                            len(emitted))
+                time.sleep(min(0.1 * 2 ** min(streams, 3), 1.0) if streams else 0.0)
+            finally:
+                call.cancel()  # a no-op on a finished call; on an abandoned one it frees both sessions
+            done = _add(done, counts)
+            streams += 1
+
+    @staticmethod
+    def _request(prompt: PromptInputs, sampling: SamplingParams, speculation: SpeculationParams,
+                 emitted: Sequence[int], streams: int) -> LoopRequest:
+        if not streams:
+            return LoopRequest(prompt, sampling, speculation)
+        resumed = dataclasses.replace(
+            fresh_seed(sampling, streams), max_new_tokens=sampling.max_new_tokens - len(emitted)
+        )
+        through = dataclasses.replace(prompt, token_ids=prompt.token_ids + tuple(emitted))
+        return LoopRequest(through, resumed, speculation, tuple(emitted))
