@@ -57,7 +57,8 @@ class LoopRequest:
 # --- wire -----------------------------------------------------------------------------------------
 def loop_request_to_proto(request: LoopRequest) -> verifier_pb2.LoopRequest:
     message = verifier_pb2.LoopRequest(
-        prompt=convert.prompt_to_proto(request.prompt, with_pixels=request.prompt.visual_embeds is None),
+        # Pixels too: the target reads the embeddings, but a drafter that is a small VLM reads pixels.
+        prompt=convert.prompt_to_proto(request.prompt),
         sampling=convert.session_sampling_to_proto(request.sampling),
         stop=request.sampling.stop,
         emitted=request.emitted,
@@ -99,6 +100,14 @@ def _add(total: SpecStats, more: SpecStats) -> SpecStats:
     return dataclasses.replace(total, **{name: getattr(total, name) + getattr(more, name) for name in COUNTS})
 
 
+def _drain(call) -> None:
+    try:
+        for _ in call:
+            pass
+    except grpc.RpcError as exc:
+        log.info("the verifier ended a finished stream with %s", exc.code().name)
+
+
 # --- the client -----------------------------------------------------------------------------------
 class GrpcLoopHost:
     """Runs each request's loop on a verify service, relaying its chunks."""
@@ -121,6 +130,7 @@ class GrpcLoopHost:
             # Started in the caller's context: the instrumented channel carries the request's trace.
             call = self._stub.Generate(loop_request_to_proto(request))
             counts = SpecStats()
+            finished = False
             try:
                 for message in call:
                     lost_at = None
@@ -130,6 +140,7 @@ class GrpcLoopHost:
                     if first_at is None:
                         first_at = time.perf_counter()
                     if message.finish_reason:
+                        finished = True
                         stats = _add(done, counts)
                         stats.ttft_s = first_at - started
                         stats.decode_s = time.perf_counter() - first_at
@@ -148,7 +159,10 @@ class GrpcLoopHost:
                             len(emitted))
                 time.sleep(min(0.1 * 2 ** min(streams, 3), 1.0) if streams else 0.0)
             finally:
-                call.cancel()  # a no-op on a finished call; on an abandoned one it frees both sessions
+                if finished:  # let the verifier end the stream itself (OK, sessions released there)
+                    _drain(call)
+                else:  # abandoned (client gone, deadline) or failed: cancelling frees both sessions
+                    call.cancel()
             done = _add(done, counts)
             streams += 1
 

@@ -17,6 +17,7 @@ torch.set_num_threads(2)
 from orchestrator.engine import Engine  # noqa: E402
 from orchestrator.prompting import PromptBuilder  # noqa: E402
 from speculum.records import DraftBlock, PromptInputs, VerifyResult  # noqa: E402
+from speculum.rpc.settings import ServerSettings, SessionSettings  # noqa: E402
 from speculum.tiny import TinySpec, build_tiny_model, save_tiny_checkpoint, tiny_tokenizer  # noqa: E402
 from speculum.vlm import VisionLanguageModel  # noqa: E402
 
@@ -150,3 +151,16 @@ def assert_concurrent_requests_lossless(engine: Engine, verifier, drafter, draft
         thread.join(timeout=120)
     for i, prompt in enumerate(prompts):
         assert outputs.get(i) == hf_greedy(engine.target, prompt, max_new_tokens), i
+
+
+def hosted_verifier(engine: Engine, target_dir, drafter_address: str | None,
+                    settings: ServerSettings = ServerSettings(port=0, max_workers=4),
+                    sessions: SessionSettings = SessionSettings(max_sessions=4)):
+    """A verify server (port 0) whose hosted loops draft with the draft server at `drafter_address`
+    (None: they decode with the target alone)."""
+    from orchestrator.clients import GrpcDrafter, connect
+    from verify_service import server as verify_server
+
+    drafter = None if drafter_address is None else GrpcDrafter(connect(drafter_address), timeout_s=2)
+    decode = PromptBuilder.from_pretrained(target_dir, engine.target.facts).decode
+    return verify_server.serve(engine.target, settings, sessions, drafter=drafter, decode=decode)

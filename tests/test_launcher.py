@@ -7,6 +7,7 @@ A killed drafter process only costs speed (same greedy output); the public API a
 from __future__ import annotations
 
 import signal
+import time
 import urllib.request
 
 import grpc
@@ -54,7 +55,14 @@ def test_every_part_exports_metrics_the_ray_replica_included(stack):
     assert handled(orchestrator, "speculum.v1.Speculum", "Generate", "OK") - handled(
         before, "speculum.v1.Speculum", "Generate", "OK") == 1
     assert orchestrator[("speculum_mean_accepted_length_count", frozenset())] >= 1
-    assert handled(scrape(running.metrics_ports["verify"]), "speculum.v1.Verifier", "Prefill", "OK") >= 1
+    # the loop runs in the verifier (the default): one Generate stream (counted once it has ended);
+    # its round metrics are there
+    deadline = time.monotonic() + 10
+    while not handled(verify := scrape(running.metrics_ports["verify"]), "speculum.v1.Verifier", "Generate",
+                      "OK") and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert handled(verify, "speculum.v1.Verifier", "Generate", "OK") >= 1
+    assert verify[("speculum_verify_round_seconds_count", frozenset())] >= 1
     assert handled(scrape(running.metrics_ports["draft"]), "speculum.v1.Drafter", "Prefill", "OK") >= 1
     assert handled(scrape(running.metrics_ports["encoder"]), "speculum.v1.VisionEncoder", "Encode", "OK") >= 1
 

@@ -114,6 +114,7 @@ def test_generator_against_a_real_server_and_its_metrics(services, llava_dir):
         assert handled(orchestrator, "speculum.v1.Speculum", method.value, "OK") == calls
     assert handled(orchestrator, "speculum.v1.Speculum", "Generate", "INVALID_ARGUMENT") == 1
     after = settled(verifier.metrics.port, "speculum_sessions_live", 0)
-    prefills = handled(after, "speculum.v1.Verifier", "Prefill", "OK") - handled(before, "speculum.v1.Verifier", "Prefill", "OK")
-    assert prefills == sum(r.count for r in reports) + 2
+    opened = (after[("speculum_sessions_opened_total", frozenset())]
+              - before[("speculum_sessions_opened_total", frozenset())])  # one verifier session per request
+    assert opened == sum(r.count for r in reports) + 2
     assert after[("speculum_sessions_live", frozenset())] == 0

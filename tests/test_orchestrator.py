@@ -1,7 +1,8 @@
 """The public API through a real local Ray Serve, over real verify and draft services.
 
 Greedy output through the whole stack equals the target alone (unary and streaming); bad input is
-INVALID_ARGUMENT naming the field; cancellation releases the sessions in both services.
+INVALID_ARGUMENT naming the field; cancellation releases the sessions in both services. Every test
+runs with the loop beside the target (the default) and with the loop in the orchestrator.
 """
 
 from __future__ import annotations
@@ -14,16 +15,16 @@ from pathlib import Path
 import grpc
 import pytest
 
-from conftest import build_prompt, hf_greedy, png_bytes
+from conftest import build_prompt, hf_greedy, hosted_verifier, png_bytes
 from draft_service import server as draft_server
 from draft_service.ngram import NgramDrafter
 from orchestrator import ray_runtime
+from orchestrator.remote_loop import LoopPlacement
 from orchestrator.serve_app import OrchestratorConfig
 from speculum.rpc.settings import ServerSettings, SessionSettings
 from speculum.v1 import common_pb2, speculum_pb2, speculum_pb2_grpc
 from speculum.local_redis import RedisServer
 from speculum.ports import free_port
-from verify_service import server as verify_server
 from verify_service.target import TargetSession
 from vision_encoder import server as encoder_server
 from vision_encoder.cache import CacheSettings
@@ -54,20 +55,25 @@ def redis():
         yield server
 
 
+@pytest.fixture(scope="module", params=list(LoopPlacement))
+def placement(request):
+    return request.param
+
+
 @pytest.fixture(scope="module")
-def public_port():
+def public_port(placement):
     return free_port()
 
 
 @pytest.fixture(scope="module")
-def stack(llava_engine, llava_dir, redis, public_port):
-    verifier = verify_server.serve(llava_engine.target, SETTINGS, SessionSettings(max_sessions=8))
+def stack(llava_engine, llava_dir, redis, public_port, placement):
     drafter = draft_server.serve(NgramDrafter(), SETTINGS, SessionSettings())
+    verifier = hosted_verifier(llava_engine, llava_dir, drafter.address, SETTINGS, SessionSettings(max_sessions=8))
     encoder = encoder_server.serve(llava_dir, SETTINGS, CacheSettings(redis_url=redis.url))
     port = public_port
     # 8 requests stepped at once (the verifier's 8 sessions) and 2 queued: the overload test goes beyond both.
     config = OrchestratorConfig(str(llava_dir), verifier.address, drafter.address, encoder.address,
-                                api_token=API_TOKEN, max_concurrent=8, max_queued=2)
+                                api_token=API_TOKEN, max_concurrent=8, max_queued=2, loop_at=placement)
     # Ray puts unix sockets under its temp dir: keep the path short (107-byte socket path limit).
     ray_dir = Path(tempfile.mkdtemp(prefix="ray", dir="/tmp"))
     ray_runtime.start(config, ray_runtime.RayServeSettings(port, free_port(), ray_dir))

@@ -22,6 +22,7 @@ import pytest
 from opentelemetry.proto.collector.trace.v1 import trace_service_pb2, trace_service_pb2_grpc
 
 from conftest import png_bytes
+from orchestrator.remote_loop import LoopPlacement
 from speculum.launcher import LocalStack, StackConfig
 from speculum.ports import free_port
 from speculum.tiny import save_tiny_checkpoint
@@ -94,8 +95,8 @@ def receiver():
     server.stop(0).wait()
 
 
-@pytest.fixture(scope="module")
-def traced_stack(receiver, tmp_path_factory):
+@pytest.fixture(scope="module", params=[p.value for p in LoopPlacement])
+def traced_stack(receiver, tmp_path_factory, request):
     """The whole stack with the OTEL_* variables pointing at the receiver (inherited by every
     process: the launcher copies the environment, Ray's workers inherit the driver's)."""
     env = pytest.MonkeyPatch()
@@ -105,9 +106,10 @@ def traced_stack(receiver, tmp_path_factory):
     env.delenv("OTEL_SDK_DISABLED", raising=False)
     target = save_tiny_checkpoint(tmp_path_factory.mktemp("traced"))
     try:
-        with LocalStack(StackConfig(target, drafter="ngram", port=free_port(), pin_cores=False)) as stack:
+        config = StackConfig(target, drafter="ngram", port=free_port(), pin_cores=False, loop_at=request.param)
+        with LocalStack(config) as stack:
             with grpc.insecure_channel(stack.address) as channel:
-                yield speculum_pb2_grpc.SpeculumStub(channel)
+                yield speculum_pb2_grpc.SpeculumStub(channel), LoopPlacement(request.param)
     finally:
         env.undo()
 
@@ -124,8 +126,9 @@ def _all_services_reported(spans: list[ReceivedSpan]) -> bool:
 
 
 def test_one_trace_per_request_across_all_four_services(traced_stack, receiver):
+    traced_stack, placement = traced_stack
     trace_id, parent_id = secrets.token_hex(16), secrets.token_hex(8)
-    image = png_bytes(31)
+    image = png_bytes(31 if placement is LoopPlacement.VERIFIER else 32)
     reply = traced_stack.Generate(
         _request(image), metadata=(("traceparent", f"00-{trace_id}-{parent_id}-01"),), timeout=120
     )
@@ -152,12 +155,16 @@ def test_one_trace_per_request_across_all_four_services(traced_stack, receiver):
             node = by_id[node.parent_span_id]
         assert node is generate, (span.service, span.name)
 
-    rounds = [s for s in spans if s.name == "speculum.verify.round"]
+    # One span per verification round: the orchestrator's Verify call, or the hosted loop's local pass.
+    hosted = placement is LoopPlacement.VERIFIER
+    round_span = "speculum.target.verify" if hosted else "speculum.verify.round"
+    rounds = [s for s in spans if s.name == round_span]
     assert len(rounds) == reply.speculation.target_forwards > 0
     assert all("speculum.accepted_tokens" in s.attributes and "speculum.draft_tokens" in s.attributes for s in rounds)
     assert sum(s.attributes["speculum.accepted_tokens"] for s in rounds) >= reply.speculation.accepted_tokens
-    assert [s for s in spans if s.name == "speculum.draft.round"]
-    assert [s for s in spans if s.name == "speculum.verify.prefill"]
+    drafts = [s for s in spans if s.name == "speculum.draft.round"]
+    assert drafts and {s.service for s in drafts} == {"verifier" if hosted else "orchestrator"}
+    assert [s for s in spans if s.name == ("speculum.target.prefill" if hosted else "speculum.verify.prefill")]
     (encode,) = [s for s in spans if s.name == "speculum.encode"]
     assert (encode.attributes["speculum.images"], encode.attributes["speculum.cache_hits"]) == (1, 0)
     lookups = [s for s in spans if s.name == "speculum.cache.lookup"]

@@ -150,9 +150,9 @@ def serve(model: VisionLanguageModel, settings: ServerSettings, sessions: Sessio
     """`drafter`: the draft service's client for the loops this verifier hosts (None: they decode with
     the target alone); `decode`: the target's detokenizer, for stop strings in those loops."""
     servicer = VerifierServicer(model, sessions, batch, prefixes)
-    # A hosted loop holds a worker thread (and an RPC slot) for its whole request.
-    settings = dataclasses.replace(settings, max_workers=settings.max_workers + sessions.max_sessions,
-                                   max_concurrent_rpcs=settings.max_concurrent_rpcs + sessions.max_sessions)
+    # A hosted loop holds a worker thread for its whole request: one more thread per session it may
+    # hold. (Admission stays as configured: SPECULUM_MAX_CONCURRENT_RPCS counts each loop's stream.)
+    settings = dataclasses.replace(settings, max_workers=settings.max_workers + sessions.max_sessions)
     registry = new_registry()
     rounds = RoundMetrics(registry)
     servicer.loops = HostedLoops(
