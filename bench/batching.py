@@ -7,6 +7,7 @@ prompts from the shipped samples). Reports aggregate tokens/s, p50/p99 request l
 mode's ratio to the unbatched one (target >= 2x at 16 streams) and checks that every mode returned
 the same tokens.
 Usage: python -m bench.batching [--streams 16] [--requests-per-stream 3] [--window-ms 4]
+[--loop-at verifier|orchestrator]
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from bench.services import round_breakdown, scrape
 from bench.stack import stack_in_child
 from orchestrator.engine import GenerateRequest
 from orchestrator.public_api import request_to_proto
+from orchestrator.remote_loop import LoopPlacement
 from speculum.config import SamplingParams
 from speculum.launcher import StackConfig
 from speculum.paths import demo_drafter_dir, demo_target_dir
@@ -39,7 +41,7 @@ MODES = (("one block per pass", False, False), ("batched verification", True, Fa
 
 
 def run_mode(window_ms: float, draft_window_ms: float, streams: int, per_stream: int, max_new_tokens: int,
-             drafter: str) -> dict:
+             drafter: str, loop_at: LoopPlacement) -> dict:
     for service, window in (("VERIFY", window_ms), ("DRAFT", draft_window_ms)):
         os.environ[f"SPECULUM_{service}_BATCH_WINDOW_MS"] = str(window)
         os.environ[f"SPECULUM_{service}_MAX_BATCH"] = str(streams)
@@ -49,7 +51,8 @@ def run_mode(window_ms: float, draft_window_ms: float, streams: int, per_stream:
     answers: dict[tuple[int, int], tuple[int, ...]] = {}
     tokens = 0
     lock = threading.Lock()
-    with stack_in_child(StackConfig(demo_target_dir(), drafter, port=free_port())) as (address, metrics_ports):
+    config = StackConfig(demo_target_dir(), drafter, port=free_port(), loop_at=loop_at.value)
+    with stack_in_child(config) as (address, metrics_ports):
         channel = grpc.insecure_channel(address, options=[("grpc.max_send_message_length", 64 << 20)])
         stub = speculum_pb2_grpc.SpeculumStub(channel)
 
@@ -87,7 +90,8 @@ def run_mode(window_ms: float, draft_window_ms: float, streams: int, per_stream:
                              - before[service].get((f"speculum_{service}_batch_{name}_total", frozenset()), 0.0)
                              for name in ("passes", "items"))
             mean_batch[service] = round(items / passes, 2) if passes else None
-        rounds = {name: round(ms, 2) for name, ms in round_breakdown(before, after).items()}
+        loop_part = "verify" if loop_at is LoopPlacement.VERIFIER else "orchestrator"
+        rounds = {name: round(ms, 2) for name, ms in round_breakdown(before, after, loop_part).items()}
         # CPU seconds each part used over the load (its process_* metrics): which core is the bottleneck.
         cpu = {part: round(after[part].get(("process_cpu_seconds_total", frozenset()), 0.0)
                            - before[part].get(("process_cpu_seconds_total", frozenset()), 0.0), 2)
@@ -116,24 +120,28 @@ def main() -> None:
     parser.add_argument("--max-new-tokens", type=int, default=96)
     parser.add_argument("--window-ms", type=float, default=4.0)
     parser.add_argument("--drafter", default=str(demo_drafter_dir()))
+    parser.add_argument("--loop-at", type=LoopPlacement, default=LoopPlacement.VERIFIER,
+                        help="where the stack runs requests' loops (default: the verifier)")
     parser.add_argument("--out", type=Path, default=Path("runs/bench/batching.json"))
     args = parser.parse_args()
     rows = []
     for label, verify, draft in MODES:
         row = run_mode(args.window_ms if verify else 0.0, args.window_ms if draft else 0.0, args.streams,
-                       args.requests_per_stream, args.max_new_tokens, args.drafter)
+                       args.requests_per_stream, args.max_new_tokens, args.drafter, args.loop_at)
         rows.append({"mode": label} | row)
     answers = [row.pop("answers") for row in rows]
     same = all(a == answers[0] for a in answers)
     base = rows[0]["tokens_per_s"]
     print(f"{args.streams} concurrent streams x {args.requests_per_stream} requests, greedy, image prompts, "
-          f"max {args.max_new_tokens} new tokens, drafter {Path(args.drafter).name}, {args.window_ms:g} ms windows")
+          f"max {args.max_new_tokens} new tokens, drafter {Path(args.drafter).name}, {args.window_ms:g} ms windows, "
+          f"loops run in the {args.loop_at.value}")
     print(f"{'mode':<24} {'tokens/s':>9} {'ratio':>6} {'p50 s':>7} {'p99 s':>7} {'verify batch':>12} {'draft batch':>11}")
     for row in rows:
         row["ratio"] = round(row["tokens_per_s"] / base, 3)
         print(f"{row['mode']:<24} {row['tokens_per_s']:>9.1f} {row['ratio']:>5.2f}x {row['p50_s']:>7.3f} "
               f"{row['p99_s']:>7.3f} {row['mean_verify_batch'] or '-':>12} {row['mean_draft_batch'] or '-':>11}")
-    print("a round as the orchestrator saw it (means, ms): draft / Verify call / the verifier's handling of it:")
+    print("a round as the loop saw it (means, ms): draft / verification / the verifier's handling of a Verify call "
+          "(nan: the loop runs in the verifier, no Verify calls):")
     for row in rows:
         print(f"  {row['mode']:<24} {row['draft_round_ms']:6.2f} / {row['verify_round_ms']:6.2f} / "
               f"{row['verify_handling_ms']:6.2f}")
@@ -145,7 +153,7 @@ def main() -> None:
     print(f"best batched / unbatched: {max(r['ratio'] for r in rows[1:]):.2f}x (target >= 2x); "
           f"identical answers: {same}")
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps({"settings": vars(args) | {"out": str(args.out)}, "rows": rows,
+    args.out.write_text(json.dumps({"settings": vars(args) | {"out": str(args.out), "loop_at": args.loop_at.value}, "rows": rows,
                                     "identical_answers": same}, indent=2))
 
 

@@ -5,7 +5,9 @@ not share this process with the in-process engine), verifier pinned to core 0 an
 In-process: the same target and drafter in this process, one torch thread, pinned to core 0.
 Requests alternate between the two. Reports tokens/s of each, their ratio (target >= 0.85), the
 per-round overhead of the split in ms, and time to first token for a cached image vs a new one
-(target <= 0.6). Usage: python -m bench.services [--target DIR] [--drafter ngram|DIR] [--requests N]
+(target <= 0.6); once for each place the stack can run requests' loops (the verifier, the default,
+and the orchestrator). Usage: python -m bench.services [--target DIR] [--drafter ngram|DIR]
+[--requests N] [--loop-at verifier|orchestrator ...]
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ from bench.stack import stack_in_child
 from draft_service.registry import load_drafter
 from orchestrator.engine import Engine, GenerateRequest
 from orchestrator.public_api import request_to_proto
+from orchestrator.remote_loop import LoopPlacement
 from speculum.config import SamplingParams, SpeculationParams
 from speculum.launcher import StackConfig
 from speculum.paths import demo_drafter_dir, demo_target_dir
@@ -60,9 +63,10 @@ def scrape(port: int) -> dict[tuple[str, frozenset], float]:
             for family in text_string_to_metric_families(text) for sample in family.samples}
 
 
-def round_breakdown(before: dict, after: dict) -> dict:
-    """Mean ms of a round's two calls as the orchestrator saw them, and the verifier's own handling
-    time of a Verify (the difference is transport, (de)serialization and scheduling)."""
+def round_breakdown(before: dict, after: dict, loop_part: str) -> dict:
+    """Mean ms of a round's draft and verification as the loop saw them (`loop_part`: the process
+    the loop runs in), and, with the loop in the orchestrator, the verifier's own handling time of
+    a Verify (the difference is transport, (de)serialization and scheduling)."""
 
     def mean_ms(part: str, name: str, labels: dict | None = None) -> float:
         key = frozenset((labels or {}).items())
@@ -72,15 +76,16 @@ def round_breakdown(before: dict, after: dict) -> dict:
 
     verify_labels = {"grpc_service": "speculum.v1.Verifier", "grpc_method": "Verify", "grpc_code": "OK"}
     return {
-        "draft_round_ms": mean_ms("orchestrator", "speculum_draft_round_seconds"),
-        "verify_round_ms": mean_ms("orchestrator", "speculum_verify_round_seconds"),
+        "draft_round_ms": mean_ms(loop_part, "speculum_draft_round_seconds"),
+        "verify_round_ms": mean_ms(loop_part, "speculum_verify_round_seconds"),
         "verify_handling_ms": mean_ms("verify", "grpc_server_handling_seconds", verify_labels),
     }
 
 
-def run(target_dir: Path, drafter: str, requests: int, max_new_tokens: int) -> dict:
+def run(target_dir: Path, drafter: str, requests: int, max_new_tokens: int, loop_at: LoopPlacement) -> dict:
     rows = {"in_process": [], "services": []}
-    with stack_in_child(StackConfig(target_dir, drafter, port=free_port())) as (address, metrics_ports):
+    config = StackConfig(target_dir, drafter, port=free_port(), loop_at=loop_at.value)
+    with stack_in_child(config) as (address, metrics_ports):
         os.sched_setaffinity(0, {0})  # after the child started: it must not inherit core 0 only
         torch.set_num_threads(1)
         engine = Engine.from_pretrained(target_dir)
@@ -100,7 +105,8 @@ def run(target_dir: Path, drafter: str, requests: int, max_new_tokens: int) -> d
                                        local.stats.target_forwards))
             rows["services"].append((len(remote.token_ids), remote.timing.ttft_s + remote.timing.decode_s,
                                      remote.speculation.target_forwards))
-        rounds = round_breakdown(before, {part: scrape(port) for part, port in metrics_ports.items()})
+        loop_part = "verify" if loop_at is LoopPlacement.VERIFIER else "orchestrator"
+        rounds = round_breakdown(before, {part: scrape(port) for part, port in metrics_ports.items()}, loop_part)
         ttft = {"uncached": [], "cached": []}
         for index in range(requests):
             fresh = _image(1000 + index)  # never seen: the encoder runs
@@ -117,6 +123,7 @@ def run(target_dir: Path, drafter: str, requests: int, max_new_tokens: int) -> d
         (remote[1] - local[1]) / (remote[2] + 1) * 1000 for local, remote in zip(rows["in_process"], rows["services"])
     )
     return {
+        "loop_at": loop_at.value,
         "in_process_tokens_per_s": tokens_per_s("in_process"),
         "services_tokens_per_s": tokens_per_s("services"),
         "services_over_in_process": tokens_per_s("services") / tokens_per_s("in_process"),
@@ -134,6 +141,8 @@ def main() -> None:
     parser.add_argument("--drafter", default=None, help="ngram | DIR (default: the demo drafter, else ngram)")
     parser.add_argument("--requests", type=int, default=6)
     parser.add_argument("--max-new-tokens", type=int, default=96)
+    parser.add_argument("--loop-at", type=LoopPlacement, nargs="+", default=list(LoopPlacement),
+                        help="where the stack runs requests' loops (one stack each, in turn; default: both)")
     parser.add_argument("--out", type=Path, default=Path("runs/bench/services.json"))
     args = parser.parse_args()
     hf_logging.disable_progress_bar()
@@ -143,19 +152,24 @@ def main() -> None:
             target = demo_target_dir() if (demo_target_dir() / "config.json").is_file() else \
                 save_tiny_checkpoint(Path(workdir) / "target", STANDIN_TARGET)
         drafter = args.drafter or (str(demo_drafter_dir()) if (demo_drafter_dir() / "config.json").is_file() else "ngram")
-        report = run(Path(target), drafter, args.requests, args.max_new_tokens)
+        reports = [run(Path(target), drafter, args.requests, args.max_new_tokens, placement)
+                   for placement in args.loop_at]
     print(f"split stack vs in-process: target {target}, drafter {drafter}, greedy, max_new_tokens="
           f"{args.max_new_tokens}, {args.requests} image requests interleaved; verifier core 0, drafter core 1")
-    print(f"  tokens/s in-process {report['in_process_tokens_per_s']:.1f}, through services "
-          f"{report['services_tokens_per_s']:.1f}: ratio {report['services_over_in_process']:.2f} (target >= 0.85)")
-    print(f"  split overhead per round: {report['overhead_ms_per_round']:.1f} ms; a round through the services "
-          f"(means): draft {report['draft_round_ms']:.2f} ms, verify {report['verify_round_ms']:.2f} ms, of which "
-          f"the verifier's own handling {report['verify_handling_ms']:.2f} ms")
-    print(f"  TTFT new image (encoder and full prefill run) {report['ttft_uncached_ms']:.1f} ms; same image again "
-          f"(embeddings from the cache, image-prefix rows reused) {report['ttft_cached_ms']:.1f} ms: "
-          f"ratio {report['ttft_cached_over_uncached']:.2f} (target <= 0.6)")
+    for report in reports:
+        print(f" loop at the {report['loop_at']}:")
+        print(f"  tokens/s in-process {report['in_process_tokens_per_s']:.1f}, through services "
+              f"{report['services_tokens_per_s']:.1f}: ratio {report['services_over_in_process']:.2f} (target >= 0.85)")
+        handling = "" if report["loop_at"] == LoopPlacement.VERIFIER.value else \
+            f", of which the verifier's own handling {report['verify_handling_ms']:.2f} ms"
+        print(f"  split overhead per round: {report['overhead_ms_per_round']:.1f} ms; a round through the services "
+              f"(means, as the loop saw them): draft {report['draft_round_ms']:.2f} ms, verify "
+              f"{report['verify_round_ms']:.2f} ms{handling}")
+        print(f"  TTFT new image (encoder and full prefill run) {report['ttft_uncached_ms']:.1f} ms; same image "
+              f"again (embeddings from the cache, image-prefix rows reused) {report['ttft_cached_ms']:.1f} ms: "
+              f"ratio {report['ttft_cached_over_uncached']:.2f} (target <= 0.6)")
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps({"target": str(target), "drafter": drafter, **report}, indent=2))
+    args.out.write_text(json.dumps({"target": str(target), "drafter": drafter, "runs": reports}, indent=2))
 
 
 if __name__ == "__main__":

@@ -49,6 +49,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--port", type=int, default=50051, help="public gRPC port")
     serve.add_argument("--target", type=Path, default=None, help="target folder (default: the demo target)")
     serve.add_argument("--drafter", default=None, help="ngram | DIR (default: the demo drafter, else ngram)")
+    serve.add_argument("--loop-at", choices=("verifier", "orchestrator"), default="verifier",
+                       help="where requests' speculative loops run (default: beside the target, in the verifier)")
     commands.add_parser("bench", help="run the benchmarks (as `make bench`)")
     commands.add_parser("train-drafter", help="train a feature drafter (python -m draft_service.training)",
                         add_help=False)
@@ -137,7 +139,8 @@ def serve(args: argparse.Namespace) -> int:
     stopping = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stopping.set())
-    with LocalStack(StackConfig(Path(target_dir), args.drafter or _default_drafter(), args.port)) as stack:
+    config = StackConfig(Path(target_dir), args.drafter or _default_drafter(), args.port, loop_at=args.loop_at)
+    with LocalStack(config) as stack:
         print(f"speculum: ready, public gRPC API speculum.v1.Speculum on {stack.address}", flush=True)
         stopping.wait()
         print("speculum: shutting down", flush=True)
