@@ -116,18 +116,20 @@ class Engine:
         hits = sum(image.cache_hit for image in encoded)
         return PreparedRequest(request, prompt_inputs(token_ids, encoded), prompt_tokens, stop, hits, started)
 
-    def stream(self, prepared: PreparedRequest) -> Iterator[Chunk]:
-        """Yield the request's chunks as the loop settles them."""
+    def stream(self, prepared: PreparedRequest, each_round: bool = True) -> Iterator[Chunk]:
+        """Yield the request's chunks as the loop settles them (without `each_round` a loop run
+        elsewhere may send them all at the end: a unary call reads none before)."""
         request = prepared.request
         if self.loop_host is not None:
-            return self.loop_host.stream(prepared.prompt, request.sampling, request.speculation, prepared.started)
+            return self.loop_host.stream(prepared.prompt, request.sampling, request.speculation, prepared.started,
+                                         each_round)
         return speculate(prepared.prompt, request.sampling, request.speculation, self.verifier, self.drafter,
                          prepared.stop, prepared.started)
 
     def generate(self, request: GenerateRequest) -> GenerationResult:
         prepared = self.prepare(request)
         token_ids: list[int] = []
-        for chunk in self.stream(prepared):
+        for chunk in self.stream(prepared, each_round=False):
             token_ids.extend(chunk.token_ids)
         text = prepared.stop.visible_text(self.prompts.decode(token_ids), chunk.finish)
         return GenerationResult(text, tuple(token_ids), chunk.finish, prepared.prompt_tokens, chunk.stats)

@@ -46,12 +46,14 @@ class LoopPlacement(enum.Enum):
 @dataclass(frozen=True)
 class LoopRequest:
     """One stream's work. prompt: followed by `emitted` on a resumed stream; sampling: resolved seed,
-    max_new_tokens left after `emitted`, stop strings; emitted: what the request emitted before this stream."""
+    max_new_tokens left after `emitted`, stop strings; emitted: what the request emitted before this
+    stream; final_only: send the whole answer as one chunk at the end (nobody reads it round by round)."""
 
     prompt: PromptInputs
     sampling: SamplingParams
     speculation: SpeculationParams
     emitted: tuple[int, ...] = ()
+    final_only: bool = False
 
 
 # --- wire -----------------------------------------------------------------------------------------
@@ -62,6 +64,7 @@ def loop_request_to_proto(request: LoopRequest) -> verifier_pb2.LoopRequest:
         sampling=convert.session_sampling_to_proto(request.sampling),
         stop=request.sampling.stop,
         emitted=request.emitted,
+        final_only=request.final_only,
     )
     speculation = request.speculation
     message.speculation.enabled = speculation.enabled
@@ -80,14 +83,15 @@ def loop_request_from_proto(message: verifier_pb2.LoopRequest) -> LoopRequest:
         pipelined=given.pipelined if given.HasField("pipelined") else defaults.pipelined,
         adaptive=given.adaptive if given.HasField("adaptive") else defaults.adaptive,
     )
-    return LoopRequest(convert.prompt_from_proto(message.prompt), sampling, speculation, tuple(message.emitted))
+    return LoopRequest(convert.prompt_from_proto(message.prompt), sampling, speculation, tuple(message.emitted),
+                       message.final_only)
 
 
 def loop_chunk_to_proto(chunk: Chunk) -> verifier_pb2.LoopChunk:
     message = verifier_pb2.LoopChunk(token_ids=chunk.token_ids)
     if chunk.finish is not None:
         message.finish_reason = FINISH[chunk.finish]
-    for name in COUNTS:
+    for name in (*COUNTS, "ttft_s", "decode_s"):
         setattr(message.stats, name, getattr(chunk.stats, name))
     return message
 
@@ -117,8 +121,9 @@ class GrpcLoopHost:
         self.resume_within_s = resume_within_s
 
     def stream(self, prompt: PromptInputs, sampling: SamplingParams, speculation: SpeculationParams,
-               started: float) -> Iterator[Chunk]:
-        """The request's chunks, as `orchestrator.loop.speculate` yields them (timing as this side saw it)."""
+               started: float, each_round: bool = True) -> Iterator[Chunk]:
+        """The request's chunks, as `orchestrator.loop.speculate` yields them (timing as this side saw
+        it); without `each_round`, one chunk with the whole answer (a lost stream then starts over)."""
         sampling = sampling.with_seed()
         emitted: list[int] = []
         done = SpecStats()  # counts of streams that ended early
@@ -126,8 +131,10 @@ class GrpcLoopHost:
         streams = 0
         lost_at: float | None = None
         while True:
-            request = self._request(prompt, sampling, speculation, emitted, streams)
+            request = dataclasses.replace(self._request(prompt, sampling, speculation, emitted, streams),
+                                          final_only=not each_round)
             # Started in the caller's context: the instrumented channel carries the request's trace.
+            call_started = time.perf_counter()
             call = self._stub.Generate(loop_request_to_proto(request))
             counts = SpecStats()
             finished = False
@@ -142,8 +149,12 @@ class GrpcLoopHost:
                     if message.finish_reason:
                         finished = True
                         stats = _add(done, counts)
-                        stats.ttft_s = first_at - started
-                        stats.decode_s = time.perf_counter() - first_at
+                        if request.final_only:  # the first token came before this chunk: as the loop saw it
+                            stats.ttft_s = call_started - started + message.stats.ttft_s
+                            stats.decode_s = message.stats.decode_s
+                        else:
+                            stats.ttft_s = first_at - started
+                            stats.decode_s = time.perf_counter() - first_at
                         yield Chunk(tokens, FINISH_BACK[message.finish_reason], stats)
                         return
                     yield Chunk(tokens)

@@ -177,7 +177,7 @@ class SpeculumApp:
                 "speculum.image_cache_hits": prepared.image_cache_hits,
             }
         )
-        chunks = self.engine.stream(prepared)
+        chunks = self.engine.stream(prepared, each_round)
         stepping = threading.Lock()  # a generator must not be advanced and closed at once
         cancelled = threading.Event()
 

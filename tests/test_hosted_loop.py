@@ -244,3 +244,15 @@ def test_round_metrics_are_counted_where_the_loop_runs(llava_engine, pair):
     _, last = generate(verifier, build_prompt(llava_engine, "Hello there.", []), max_new=10)
     assert count("speculum_verify_round_seconds_count") - before[0] == last.stats.target_forwards
     assert count("speculum_draft_round_seconds_count") > before[1]
+
+
+def test_a_unary_caller_gets_one_chunk_with_the_whole_answer(llava_engine, pair):
+    verifier, _ = pair
+    prompt = build_prompt(llava_engine, "Describe the image in detail.", [png_bytes(12)])
+    host = GrpcLoopHost(connect(verifier.address))
+    started = time.perf_counter()
+    chunks = list(host.stream(prompt, SamplingParams(max_new_tokens=MAX_NEW), SpeculationParams(), started,
+                              each_round=False))
+    assert len(chunks) == 1 and list(chunks[0].token_ids) == hf_greedy(llava_engine.target, prompt, MAX_NEW)
+    stats = chunks[0].stats
+    assert 0 < stats.ttft_s < stats.ttft_s + stats.decode_s <= time.perf_counter() - started

@@ -9,6 +9,7 @@ itself, over a Verifier that uses this service's own sessions, limits, batcher a
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 import uuid
 from collections.abc import Callable, Iterator, Sequence
@@ -71,8 +72,9 @@ class HostedLoops:
         return speculate(request.prompt, request.sampling, request.speculation, self.verifier, self.drafter, stop)
 
 
-def serve_stream(chunks: Iterator[Chunk], to_proto, context) -> Iterator:
-    """Yield `chunks` as protos until they end or the call does (cancelled, past its deadline).
+def serve_stream(chunks: Iterator[Chunk], to_proto, context, final_only: bool = False) -> Iterator:
+    """Yield `chunks` as protos until they end or the call does (cancelled, past its deadline);
+    with `final_only`, one proto at the end holding every chunk's tokens.
 
     gRPC stops pulling from a cancelled call's handler without closing it, so the call's end also
     closes the loop (releasing both sessions) when the loop is parked between rounds; a loop in the
@@ -88,12 +90,18 @@ def serve_stream(chunks: Iterator[Chunk], to_proto, context) -> Iterator:
                 stepping.release()
 
     context.add_callback(on_end)
+    held: list[int] = []
     try:
         while context.is_active():
             with stepping:
                 chunk = next(chunks, None)
             if chunk is None:
                 return
+            if final_only and chunk.finish is None:
+                held.extend(chunk.token_ids)
+                continue
+            if held:
+                chunk = dataclasses.replace(chunk, token_ids=(*held, *chunk.token_ids))
             yield to_proto(chunk)
     finally:
         with stepping:

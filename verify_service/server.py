@@ -89,7 +89,8 @@ class VerifierServicer(verifier_pb2_grpc.VerifierServicer):
 
     @mapped
     def Generate(self, request, context):
-        yield from serve_stream(self.loops.run(loop_request_from_proto(request)), loop_chunk_to_proto, context)
+        loop = loop_request_from_proto(request)
+        yield from serve_stream(self.loops.run(loop), loop_chunk_to_proto, context, loop.final_only)
 
     def prefill(self, session_id: str, sampling: SamplingParams, return_hidden: bool,
                 prompt: PromptInputs) -> VerifyResult:
