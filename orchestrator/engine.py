@@ -7,13 +7,13 @@ and packs the public result fields. The CLI, the demo and the benchmarks use it.
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from transformers import AutoImageProcessor
 
-from orchestrator.loop import Chunk, speculate
+from orchestrator.loop import ChunkStream, speculate
 from orchestrator.prompting import PromptBuilder, prompt_inputs
 from orchestrator.protocols import Drafter, ImageEncoder, LoopHost, Verifier
 from orchestrator.stopping import FinishReason, StopChecker
@@ -116,15 +116,15 @@ class Engine:
         hits = sum(image.cache_hit for image in encoded)
         return PreparedRequest(request, prompt_inputs(token_ids, encoded), prompt_tokens, stop, hits, started)
 
-    def stream(self, prepared: PreparedRequest, each_round: bool = True) -> Iterator[Chunk]:
+    def stream(self, prepared: PreparedRequest, each_round: bool = True) -> ChunkStream:
         """Yield the request's chunks as the loop settles them (without `each_round` a loop run
         elsewhere may send them all at the end: a unary call reads none before)."""
         request = prepared.request
         if self.loop_host is not None:
             return self.loop_host.stream(prepared.prompt, request.sampling, request.speculation, prepared.started,
                                          each_round)
-        return speculate(prepared.prompt, request.sampling, request.speculation, self.verifier, self.drafter,
-                         prepared.stop, prepared.started)
+        return ChunkStream(speculate(prepared.prompt, request.sampling, request.speculation, self.verifier,
+                                     self.drafter, prepared.stop, prepared.started))
 
     def generate(self, request: GenerateRequest) -> GenerationResult:
         prepared = self.prepare(request)

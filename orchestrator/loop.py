@@ -18,7 +18,7 @@ import dataclasses
 import logging
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import torch
@@ -50,6 +50,24 @@ class Chunk:
     token_ids: tuple[int, ...]
     finish: FinishReason | None = None
     stats: SpecStats | None = None
+
+
+class ChunkStream:
+    """A request's chunks (an iterator). `cancel`, callable from any thread, stops a loop that runs
+    elsewhere even while a chunk is awaited; a loop stepped here stops when its consumer closes it."""
+
+    def __init__(self, chunks: Iterator[Chunk], cancel: Callable[[], None] = lambda: None):
+        self._chunks = chunks
+        self.cancel = cancel
+
+    def __iter__(self) -> ChunkStream:
+        return self
+
+    def __next__(self) -> Chunk:
+        return next(self._chunks)
+
+    def close(self) -> None:
+        self._chunks.close()
 
 
 class Transcript:

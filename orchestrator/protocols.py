@@ -58,6 +58,6 @@ class Drafter(Protocol):
 class LoopHost(Protocol):
     def stream(self, prompt: PromptInputs, sampling: SamplingParams, speculation: SpeculationParams,
                started: float, each_round: bool = True) -> Iterator:
-        """Run one request's loop elsewhere; yields its `orchestrator.loop.Chunk`s as they settle
-        (`started`: the request's arrival, perf_counter, for TTFT); without `each_round`, one chunk
-        with the whole answer."""
+        """Run one request's loop elsewhere: an `orchestrator.loop.ChunkStream` of its chunks as they
+        settle (`started`: the request's arrival, perf_counter, for TTFT); without `each_round`, one
+        chunk with the whole answer."""

@@ -12,13 +12,14 @@ from __future__ import annotations
 import dataclasses
 import enum
 import logging
+import threading
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 import grpc
 
-from orchestrator.loop import RESUME_WITHIN_S, Chunk, fresh_seed
+from orchestrator.loop import RESUME_WITHIN_S, Chunk, ChunkStream, fresh_seed
 from orchestrator.public_api import FINISH
 from speculum.config import SamplingParams, SpeculationParams
 from speculum.errors import Unavailable
@@ -104,6 +105,29 @@ def _add(total: SpecStats, more: SpecStats) -> SpecStats:
     return dataclasses.replace(total, **{name: getattr(total, name) + getattr(more, name) for name in COUNTS})
 
 
+class _CurrentCall:
+    """The request's stream in flight, cancellable from another thread."""
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._call = None
+        self.cancelled = False
+
+    def start(self, open_call):
+        """The new call, or None once cancelled."""
+        with self._lock:
+            if self.cancelled:
+                return None
+            self._call = open_call()
+            return self._call
+
+    def cancel(self) -> None:
+        with self._lock:
+            self.cancelled = True
+            if self._call is not None:
+                self._call.cancel()
+
+
 def _drain(call) -> None:
     try:
         for _ in call:
@@ -121,9 +145,15 @@ class GrpcLoopHost:
         self.resume_within_s = resume_within_s
 
     def stream(self, prompt: PromptInputs, sampling: SamplingParams, speculation: SpeculationParams,
-               started: float, each_round: bool = True) -> Iterator[Chunk]:
+               started: float, each_round: bool = True) -> ChunkStream:
         """The request's chunks, as `orchestrator.loop.speculate` yields them (timing as this side saw
-        it); without `each_round`, one chunk with the whole answer (a lost stream then starts over)."""
+        it); without `each_round`, one chunk with the whole answer (a lost stream then starts over).
+        Its `cancel` ends the verifier's stream at once, even while a chunk is awaited."""
+        current = _CurrentCall()
+        return ChunkStream(self._chunks(prompt, sampling, speculation, started, each_round, current), current.cancel)
+
+    def _chunks(self, prompt: PromptInputs, sampling: SamplingParams, speculation: SpeculationParams,
+                started: float, each_round: bool, current: _CurrentCall) -> Iterator[Chunk]:
         sampling = sampling.with_seed()
         emitted: list[int] = []
         done = SpecStats()  # counts of streams that ended early
@@ -135,7 +165,9 @@ class GrpcLoopHost:
                                           final_only=not each_round)
             # Started in the caller's context: the instrumented channel carries the request's trace.
             call_started = time.perf_counter()
-            call = self._stub.Generate(loop_request_to_proto(request))
+            call = current.start(lambda: self._stub.Generate(loop_request_to_proto(request)))
+            if call is None:  # cancelled
+                return
             counts = SpecStats()
             finished = False
             try:
@@ -160,6 +192,8 @@ class GrpcLoopHost:
                     yield Chunk(tokens)
                 raise Unavailable("the verifier ended the request's stream before it finished")
             except grpc.RpcError as exc:
+                if current.cancelled:
+                    return
                 if exc.code() not in RESUMABLE:
                     raise error_from_rpc(exc) from exc
                 lost_at = lost_at or time.monotonic()

@@ -218,6 +218,7 @@ class SpeculumApp:
             self._fail(grpc_context, exc, span)
         except (asyncio.CancelledError, GeneratorExit):
             cancelled.set()
+            chunks.cancel()  # a loop running in the verifier stops now, even mid-chunk
             span.set_attribute("speculum.cancelled", True)
             raise
         finally:
