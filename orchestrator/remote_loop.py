@@ -189,7 +189,7 @@ class GrpcLoopHost:
                             stats.decode_s = time.perf_counter() - first_at
                         yield Chunk(tokens, FINISH_BACK[message.finish_reason], stats)
                         return
-                    yield Chunk(tokens)
+                    yield Chunk(tokens, stats=_add(done, counts))
                 raise Unavailable("the verifier ended the request's stream before it finished")
             except grpc.RpcError as exc:
                 if current.cancelled:

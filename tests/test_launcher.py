@@ -7,7 +7,6 @@ A killed drafter process only costs speed (same greedy output); the public API a
 from __future__ import annotations
 
 import signal
-import time
 import urllib.request
 
 import grpc
@@ -45,11 +44,12 @@ def test_public_api_reflection_and_http_health(stack):
 
 
 def test_every_part_exports_metrics_the_ray_replica_included(stack):
-    from test_metrics import handled, scrape
+    from test_metrics import calls_settled, handled, scrape
 
     running, _ = stack
     stub = speculum_pb2_grpc.SpeculumStub(grpc.insecure_channel(running.address))
     before = scrape(running.metrics_ports["orchestrator"])
+    verify_before = scrape(running.metrics_ports["verify"])
     ask(stub, "Describe the image in detail.", [png_bytes(32)])
     orchestrator = scrape(running.metrics_ports["orchestrator"])  # the Serve replica's own exporter
     assert handled(orchestrator, "speculum.v1.Speculum", "Generate", "OK") - handled(
@@ -57,11 +57,9 @@ def test_every_part_exports_metrics_the_ray_replica_included(stack):
     assert orchestrator[("speculum_mean_accepted_length_count", frozenset())] >= 1
     # the loop runs in the verifier (the default): one Generate stream (counted once it has ended);
     # its round metrics are there
-    deadline = time.monotonic() + 10
-    while not handled(verify := scrape(running.metrics_ports["verify"]), "speculum.v1.Verifier", "Generate",
-                      "OK") and time.monotonic() < deadline:
-        time.sleep(0.1)
-    assert handled(verify, "speculum.v1.Verifier", "Generate", "OK") >= 1
+    verify = calls_settled(running.metrics_ports["verify"], verify_before, "speculum.v1.Verifier", "Generate", 1)
+    assert handled(verify, "speculum.v1.Verifier", "Generate", "OK") - handled(
+        verify_before, "speculum.v1.Verifier", "Generate", "OK") == 1
     assert verify[("speculum_verify_round_seconds_count", frozenset())] >= 1
     assert handled(scrape(running.metrics_ports["draft"]), "speculum.v1.Drafter", "Prefill", "OK") >= 1
     assert handled(scrape(running.metrics_ports["encoder"]), "speculum.v1.VisionEncoder", "Encode", "OK") >= 1

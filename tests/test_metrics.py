@@ -63,6 +63,16 @@ def settled(port: int, name: str, expected: float, within_s: float = 10.0) -> di
     return samples
 
 
+def calls_settled(port: int, before: dict, service: str, method: str, expected: int, timeout_s: float = 5.0) -> dict:
+    """Scrape until `expected` more OK calls of `method` were counted than in `before` (a stream is
+    counted once it has ended), or the time is up."""
+    deadline = time.monotonic() + timeout_s
+    while (handled(samples := scrape(port), service, method, "OK") - handled(before, service, method, "OK")
+           != expected and time.monotonic() < deadline):
+        time.sleep(0.1)
+    return samples
+
+
 @pytest.fixture(scope="module")
 def services(llava_engine, llava_dir):
     with RedisServer() as redis:
@@ -107,12 +117,7 @@ def test_a_request_moves_every_services_counters(services, app):
     enc = scrape(encoder.metrics.port)
     rounds = first.speculation.target_forwards + second.speculation.target_forwards
     if hosted:  # the verifier: one Generate stream per request, all OK (counted once the stream ends)
-        for _ in range(50):
-            if handled(verify, "speculum.v1.Verifier", "Generate", "OK") - handled(
-                    before["verify"], "speculum.v1.Verifier", "Generate", "OK") == 2:
-                break
-            time.sleep(0.1)
-            verify = scrape(verifier.metrics.port)
+        verify = calls_settled(verifier.metrics.port, before["verify"], "speculum.v1.Verifier", "Generate", 2)
         assert handled(verify, "speculum.v1.Verifier", "Generate", "OK") - handled(
             before["verify"], "speculum.v1.Verifier", "Generate", "OK") == 2
     else:  # the verifier: one Prefill and one Verify per round, per request, all OK
@@ -134,12 +139,7 @@ def test_a_request_moves_every_services_counters(services, app):
     assert value(verify, "speculum_prefix_cache_reused_tokens_total") > value(
         before["verify"], "speculum_prefix_cache_reused_tokens_total")
     # the drafter: one DraftRounds stream per draft session (it ends just after the session closes)
-    for _ in range(50):
-        if handled(draft, "speculum.v1.Drafter", "DraftRounds", "OK") - handled(
-                before["draft"], "speculum.v1.Drafter", "DraftRounds", "OK") == 2:
-            break
-        time.sleep(0.1)
-        draft = scrape(drafter.metrics.port)
+    draft = calls_settled(drafter.metrics.port, before["draft"], "speculum.v1.Drafter", "DraftRounds", 2)
     assert handled(draft, "speculum.v1.Drafter", "DraftRounds", "OK") - handled(
         before["draft"], "speculum.v1.Drafter", "DraftRounds", "OK") == 2
     assert value(draft, "speculum_sessions_live") == 0
