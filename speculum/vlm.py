@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, DynamicCache, LlavaForConditionalGeneration, PreTrainedModel
 
-from speculum import tree
+from speculum import batched_pass, tree
 from speculum.errors import InvalidArgument
 from speculum.model_facts import ModelFacts
 
@@ -164,15 +164,24 @@ class VisionLanguageModel:
         """One decoder pass for several sequences, each with its own cache (extended in place).
 
         Sequence b feeds token_lists[b] [T_b] as a tree (parents_lists[b] [T_b - 1], see forward;
-        a chain is (-1, 0, 1, ...)). Caches of different lengths are right-padded into one batch and
-        the padding is masked out, so each row computes what `forward` alone would.
+        a chain is (-1, 0, 1, ...)). Each row computes what `forward` alone would: a LLaMA decoder
+        runs all rows through its projections together and attends per session (speculum.batched_pass);
+        other decoders get caches right-padded into one batch, the padding masked out.
         """
         lengths = [cache.get_seq_length() for cache in caches]
-        longest, widest = max(lengths), max(len(tokens) for tokens in token_lists)
         for length, tokens in zip(lengths, token_lists):
             if length + len(tokens) > self.max_positions:
                 raise InvalidArgument("sampling.max_new_tokens", f"the sequence would exceed the target's context of "
                                       f"{self.max_positions}")
+        if batched_pass.fits(self._decoder):
+            hidden = batched_pass.run(self._decoder, caches, token_lists, parents_lists)
+            return [ModelStep(logits=self._lm_head(rows).float(), hidden=rows) for rows in hidden]
+        return self._padded_pass(caches, token_lists, parents_lists, lengths)
+
+    def _padded_pass(self, caches: Sequence[DynamicCache], token_lists: Sequence[Sequence[int]],
+                     parents_lists: Sequence[Sequence[int]], lengths: Sequence[int]) -> list[ModelStep]:
+        """forward_batch through the decoder's own forward: caches right-padded into one batch."""
+        longest, widest = max(lengths), max(len(tokens) for tokens in token_lists)
         batch = len(caches)
         visible = torch.zeros(batch, widest, longest + widest, dtype=torch.bool)
         positions = torch.zeros(batch, widest, dtype=torch.long)

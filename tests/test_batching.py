@@ -14,6 +14,7 @@ import torch
 from conftest import assert_concurrent_requests_lossless, build_prompt, hf_greedy, png_bytes
 from draft_service.ngram import NgramDrafter
 from orchestrator.clients import GrpcVerifier
+from speculum import batched_pass
 from speculum.config import SamplingParams
 from speculum.records import DraftBlock
 from speculum.rpc.settings import BatchSettings, ServerSettings, SessionSettings
@@ -44,7 +45,10 @@ def sessions_and_blocks(engine, temperature: float):
 
 
 @pytest.mark.parametrize("temperature", [0.0, 1.0])
-def test_a_batched_pass_equals_one_by_one(llava_engine, temperature):
+@pytest.mark.parametrize("pass_kind", ["per-session attention", "padded"])
+def test_a_batched_pass_equals_one_by_one(llava_engine, temperature, pass_kind, monkeypatch):
+    if pass_kind == "padded":  # the pass a decoder other than LLaMA's takes
+        monkeypatch.setattr(batched_pass, "fits", lambda decoder: False)
     alone_sessions, blocks = sessions_and_blocks(llava_engine, temperature)
     batched_sessions, _ = sessions_and_blocks(llava_engine, temperature)
     alone = [s.verify(b) for s, b in zip(alone_sessions, blocks)]
