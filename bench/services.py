@@ -26,16 +26,19 @@ import grpc
 import numpy as np
 import torch
 from PIL import Image
+from prometheus_client import CollectorRegistry
 from prometheus_client.parser import text_string_to_metric_families
 from transformers.utils import logging as hf_logging
 
 from bench.stack import stack_in_child
 from draft_service.registry import load_drafter
 from orchestrator.engine import Engine, GenerateRequest
+from orchestrator.metered import MeteredDrafter, MeteredVerifier
 from orchestrator.public_api import request_to_proto
 from orchestrator.remote_loop import LoopPlacement
 from speculum.config import SamplingParams, SpeculationParams
 from speculum.launcher import StackConfig
+from speculum.metrics import RoundMetrics
 from speculum.paths import demo_drafter_dir, demo_target_dir
 from speculum.ports import free_port
 from speculum.tiny import STANDIN_TARGET, save_tiny_checkpoint
@@ -83,6 +86,14 @@ def round_breakdown(before: dict, after: dict, loop_part: str) -> dict:
     }
 
 
+def _mean_ms(histogram) -> float:
+    """Mean of a histogram's observations in ms (the warm-up included: a few rounds of many)."""
+    samples = {sample.name: sample.value for metric in histogram.collect() for sample in metric.samples}
+    count = next(value for name, value in samples.items() if name.endswith("_count"))
+    total = next(value for name, value in samples.items() if name.endswith("_sum"))
+    return 1000 * total / count if count else float("nan")
+
+
 def run(target_dir: Path, drafter: str, requests: int, max_new_tokens: int, loop_at: LoopPlacement) -> dict:
     rows = {"in_process": [], "services": []}
     config = StackConfig(target_dir, drafter, port=free_port(), loop_at=loop_at.value)
@@ -90,7 +101,10 @@ def run(target_dir: Path, drafter: str, requests: int, max_new_tokens: int, loop
         os.sched_setaffinity(0, {0})  # after the child started: it must not inherit core 0 only
         torch.set_num_threads(1)
         engine = Engine.from_pretrained(target_dir)
-        engine.drafter = load_drafter(drafter, engine.target.vocab_size)
+        # The in-process rounds are timed the same way as the services' (the metered wrappers).
+        local_rounds = RoundMetrics(CollectorRegistry())
+        engine.verifier = MeteredVerifier(engine.verifier, local_rounds)
+        engine.drafter = MeteredDrafter(load_drafter(drafter, engine.target.vocab_size), local_rounds)
         sampling = SamplingParams(max_new_tokens=max_new_tokens)
         image = _images(1)[0]
         stub = speculum_pb2_grpc.SpeculumStub(grpc.insecure_channel(address))
@@ -108,6 +122,8 @@ def run(target_dir: Path, drafter: str, requests: int, max_new_tokens: int, loop
                                      remote.speculation.target_forwards))
         loop_part = "verify" if loop_at is LoopPlacement.VERIFIER else "orchestrator"
         rounds = round_breakdown(before, {part: scrape(port) for part, port in metrics_ports.items()}, loop_part)
+        rounds["in_process_draft_round_ms"] = _mean_ms(local_rounds.draft_round)
+        rounds["in_process_verify_round_ms"] = _mean_ms(local_rounds.verify_round)
         ttft = {"uncached": [], "cached": []}
         for index in range(requests):
             fresh = _image(1000 + index)  # never seen: the encoder runs
@@ -174,7 +190,8 @@ def main() -> None:
             f", of which the verifier's own handling {report['verify_handling_ms']:.2f} ms"
         print(f"  split overhead per round: {report['overhead_ms_per_round']:.1f} ms; a round through the services "
               f"(means, as the loop saw them): draft {report['draft_round_ms']:.2f} ms, verify "
-              f"{report['verify_round_ms']:.2f} ms{handling}")
+              f"{report['verify_round_ms']:.2f} ms{handling}; in process: draft "
+              f"{report['in_process_draft_round_ms']:.2f} ms, verify {report['in_process_verify_round_ms']:.2f} ms")
         print(f"  TTFT new image (encoder and full prefill run) {report['ttft_uncached_ms']:.1f} ms; same image "
               f"again (embeddings from the cache, image-prefix rows reused) {report['ttft_cached_ms']:.1f} ms: "
               f"ratio {report['ttft_cached_over_uncached']:.2f} (target <= 0.6)")
