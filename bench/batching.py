@@ -153,7 +153,8 @@ def main() -> None:
     print(f"best batched / unbatched: {max(r['ratio'] for r in rows[1:]):.2f}x (target >= 2x); "
           f"identical answers: {same}")
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps({"settings": vars(args) | {"out": str(args.out), "loop_at": args.loop_at.value}, "rows": rows,
+    settings = vars(args) | {"out": str(args.out), "loop_at": args.loop_at.value}
+    args.out.write_text(json.dumps({"settings": settings, "rows": rows,
                                     "identical_answers": same}, indent=2))
 
 

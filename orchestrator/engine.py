@@ -71,8 +71,9 @@ class PreparedRequest:
 class Engine:
     """Serves requests over any Verifier / Drafter / ImageEncoder: in-process objects or gRPC clients."""
 
-    def __init__(self, facts: ModelFacts, prompts: PromptBuilder, verifier: Verifier | None, drafter: Drafter | None = None,
-                 encoder: ImageEncoder | None = None, loop_host: LoopHost | None = None):
+    def __init__(self, facts: ModelFacts, prompts: PromptBuilder, verifier: Verifier | None,
+                 drafter: Drafter | None = None, encoder: ImageEncoder | None = None,
+                 loop_host: LoopHost | None = None):
         """`loop_host`: runs each request's loop elsewhere (the verify service); else it runs here
         over `verifier` and `drafter`."""
         self.facts = facts
