@@ -16,7 +16,7 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 from orchestrator.loop import Chunk, speculate
-from orchestrator.protocols import Drafter
+from orchestrator.protocols import Drafter, Verifier
 from orchestrator.remote_loop import LoopRequest
 from orchestrator.stopping import StopChecker
 from speculum.config import SamplingParams
@@ -61,7 +61,7 @@ class HostedLoops:
     """Runs requests' loops here. verifier: a LocalVerifier (possibly metered); drafter: the draft
     service's client; eos_token_ids and decode: the target's, for stop conditions."""
 
-    verifier: object
+    verifier: Verifier
     drafter: Drafter | None
     eos_token_ids: frozenset[int]
     decode: Callable[[Sequence[int]], str]
