@@ -161,8 +161,7 @@ class GrpcLoopHost:
         streams = 0
         lost_at: float | None = None
         while True:
-            request = dataclasses.replace(self._request(prompt, sampling, speculation, emitted, streams),
-                                          final_only=not each_round)
+            request = self._request(prompt, sampling, speculation, emitted, streams, final_only=not each_round)
             # Started in the caller's context: the instrumented channel carries the request's trace.
             call_started = time.perf_counter()
             call = current.start(lambda: self._stub.Generate(loop_request_to_proto(request)))
@@ -213,11 +212,12 @@ class GrpcLoopHost:
 
     @staticmethod
     def _request(prompt: PromptInputs, sampling: SamplingParams, speculation: SpeculationParams,
-                 emitted: Sequence[int], streams: int) -> LoopRequest:
+                 emitted: Sequence[int], streams: int, final_only: bool) -> LoopRequest:
+        """The `streams`-th stream's work: the request itself, or its rest after `emitted`."""
         if not streams:
-            return LoopRequest(prompt, sampling, speculation)
+            return LoopRequest(prompt, sampling, speculation, final_only=final_only)
         resumed = dataclasses.replace(
             fresh_seed(sampling, streams), max_new_tokens=sampling.max_new_tokens - len(emitted)
         )
         through = dataclasses.replace(prompt, token_ids=prompt.token_ids + tuple(emitted))
-        return LoopRequest(through, resumed, speculation, tuple(emitted))
+        return LoopRequest(through, resumed, speculation, tuple(emitted), final_only)
