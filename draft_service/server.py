@@ -79,7 +79,8 @@ class DrafterServicer(drafter_pb2_grpc.DrafterServicer):
         with self.sessions.use(request.session_id) as session:
             if request.HasField("advance"):
                 session.advance(convert.result_from_proto(request.advance))
-            if self.batcher is not None and batchable(session):
+            # a look-ahead (assume) drafts alone: a feature session covers several outcomes then
+            if self.batcher is not None and batchable(session) and not request.assume:
                 with tracer().start_as_current_span("speculum.drafter.propose") as span:
                     blocks = self.batcher.draft(session, request.max_tokens, tuple(request.assume))
                     span.set_attribute("speculum.draft_tokens", sum(len(b.tokens) for b in blocks))

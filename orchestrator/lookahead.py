@@ -4,8 +4,10 @@ While block n is verified, the drafter drafts ahead as if all of block n were ac
 with its guess of the token the verifier adds after it. If block n is indeed accepted in full and
 the guess is right, the look-ahead (minus the guess) is block n + 1, already drafted; otherwise it
 is dropped and the next block is drafted as usual. A look-ahead tree covers several guesses at once:
-its root's children are alternatives for that token. Which look-ahead is kept depends only on the
-verifier's settled tokens, so verification stays lossless (greedy and sampling).
+its root's children are alternatives for that token. A look-ahead may also carry branches, blocks
+for a rejection at a given position with a given token (the feature drafter guesses its best
+alternative at each position, draft_service.feature.branches). Which look-ahead is kept depends only
+on the verifier's settled tokens, so verification stays lossless (greedy and sampling).
 """
 
 from __future__ import annotations
@@ -53,6 +55,9 @@ class Lookahead:
         ahead = running.result()  # GuardedDraft never raises: a fault gives an empty block
         if result.num_accepted == len(block.tokens):
             self._ready = _after_guess(ahead, result.next_token)
+        elif block.is_chain:  # rejected: a branch may have guessed where, and the verifier's token
+            self._ready = next((branch.block for branch in ahead.branches
+                                if (branch.accepted, branch.token) == (result.num_accepted, result.next_token)), None)
 
     def close(self) -> None:
         """Waits for a look-ahead still drafting, so the draft session can be closed after it."""

@@ -301,7 +301,7 @@ def speculate(
     transcript = Transcript(prompt, keep_hidden=features)
     target = ResumableTarget(verifier, sampling, features, transcript, resume_within_s)
     draft = GuardedDraft(drafter, sampling, transcript)
-    lookahead = Lookahead(draft, enabled=speculation.pipelined)
+    lookahead = Lookahead(draft, enabled=bool(speculation.pipelined))  # unset: sequential (one device)
     lengths = draft_length.for_request(speculation, draft_lengths)
     try:
         first = target.prefill(prompt)

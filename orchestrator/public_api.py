@@ -20,6 +20,11 @@ def _field(message, name: str, default):
     return getattr(message, name) if message.HasField(name) else default
 
 
+# Behind the public API the drafter runs on a device of its own, so drafting the next block while the
+# target verifies is the faster mode there (README, bench.pipelining); a request may still choose.
+PIPELINED_BEHIND_API = True
+
+
 def request_from_proto(message: speculum_pb2.GenerateRequest) -> GenerateRequest:
     """Unset optional fields take the defaults; set ones are validated by the dataclasses."""
     sampling, speculation = message.sampling, message.speculation
@@ -38,7 +43,7 @@ def request_from_proto(message: speculum_pb2.GenerateRequest) -> GenerateRequest
         speculation=SpeculationParams(
             enabled=_field(speculation, "enabled", True),
             num_draft_tokens=_field(speculation, "num_draft_tokens", SpeculationParams().num_draft_tokens),
-            pipelined=_field(speculation, "pipelined", SpeculationParams().pipelined),
+            pipelined=_field(speculation, "pipelined", PIPELINED_BEHIND_API),
             adaptive=_field(speculation, "adaptive", SpeculationParams().adaptive),
         ),
     )
@@ -76,7 +81,8 @@ def request_to_proto(request: GenerateRequest) -> speculum_pb2.GenerateRequest:
     message.sampling.stop.extend(sampling.stop)
     message.speculation.enabled = request.speculation.enabled
     message.speculation.num_draft_tokens = request.speculation.num_draft_tokens
-    message.speculation.pipelined = request.speculation.pipelined
+    if request.speculation.pipelined is not None:  # unset: the server's faster mode
+        message.speculation.pipelined = request.speculation.pipelined
     message.speculation.adaptive = request.speculation.adaptive
     return message
 

@@ -70,7 +70,8 @@ def loop_request_to_proto(request: LoopRequest) -> verifier_pb2.LoopRequest:
     speculation = request.speculation
     message.speculation.enabled = speculation.enabled
     message.speculation.num_draft_tokens = speculation.num_draft_tokens
-    message.speculation.pipelined = speculation.pipelined
+    if speculation.pipelined is not None:
+        message.speculation.pipelined = speculation.pipelined
     message.speculation.adaptive = speculation.adaptive
     return message
 

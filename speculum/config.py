@@ -70,8 +70,9 @@ class SpeculationParams:
     enabled: False decodes with the target alone (one target forward per token).
     num_draft_tokens: draft block length K per round (the verifier checks K + 1 positions).
     pipelined: draft the next block while the current one is verified (orchestrator.lookahead);
-        the output is the same either way. Off by default: through the split stack it measured
-        0.93-1.09x of sequential (README), and its discarded look-aheads cost drafter time under load.
+        the output is the same either way. None (the default) is the faster mode where the loop
+        runs: pipelined behind the public API (the drafter has a device of its own there,
+        `public_api.PIPELINED_BEHIND_API`), sequential in process (one device for both, README).
     adaptive: num_draft_tokens is the most K may be; each round's K follows the request's recent
         acceptance (1..num_draft_tokens) and the verifier's load (down to 0 when it is saturated),
         see orchestrator.draft_length. False (the default: measured faster on the demo pair, see
@@ -80,7 +81,7 @@ class SpeculationParams:
 
     enabled: bool = True
     num_draft_tokens: int = 4
-    pipelined: bool = False
+    pipelined: bool | None = None
     adaptive: bool = False
 
     def __post_init__(self) -> None:
@@ -89,5 +90,7 @@ class SpeculationParams:
                 "speculation.num_draft_tokens",
                 f"must be in [1, {MAX_DRAFT_TOKENS}], got {self.num_draft_tokens}",
             )
+        if self.pipelined is not None and not isinstance(self.pipelined, bool):
+            raise InvalidArgument("speculation.pipelined", f"must be true, false or unset, got {self.pipelined!r}")
         if not isinstance(self.adaptive, bool):
             raise InvalidArgument("speculation.adaptive", f"must be true or false, got {self.adaptive!r}")

@@ -46,11 +46,14 @@ class DraftBlock:
         requests and for drafters without probabilities (treated as one-hot drafts).
     parents: for a candidate tree, the parent index of each token (-1 = the pending token);
         None means a chain.
+    branches: a look-ahead's blocks for the other ways the assumed tokens may settle (see Branch);
+        empty everywhere else.
     """
 
     tokens: tuple[int, ...]
     draft_probs: torch.Tensor | None = None
     parents: tuple[int, ...] | None = None
+    branches: tuple[Branch, ...] = ()
 
     def __post_init__(self) -> None:
         if self.draft_probs is not None:
@@ -68,15 +71,26 @@ class DraftBlock:
         return self.parents if self.parents is not None else tuple(range(-1, len(self.tokens) - 1))
 
 
+@dataclass(frozen=True)
+class Branch:
+    """A look-ahead's block for one rejection: the verifier accepts the first `accepted` assumed
+    tokens and then settles on `token` (the drafter's best guess for it); `block` continues after."""
+
+    accepted: int
+    token: int
+    block: DraftBlock
+
+
 def join_pieces(pieces: list[DraftBlock]) -> DraftBlock:
-    """One chain block from the pieces a drafter streamed, in order."""
+    """One chain block from the pieces a drafter streamed, in order (branches come on the last)."""
     if len(pieces) == 1:
         return pieces[0]
     tokens = tuple(t for piece in pieces for t in piece.tokens)
+    branches = pieces[-1].branches if pieces else ()
     probs = [piece.draft_probs for piece in pieces if piece.tokens]
     if any(p is None for p in probs) or not probs:
-        return DraftBlock(tokens)
-    return DraftBlock(tokens, torch.cat(probs))
+        return DraftBlock(tokens, branches=branches)
+    return DraftBlock(tokens, torch.cat(probs), branches=branches)
 
 
 @dataclass(frozen=True)

@@ -19,6 +19,7 @@ from draft_service import server as draft_server
 from draft_service.feature.checkpoint import new_model
 from draft_service.feature.drafter import FeatureDrafter
 from draft_service.feature.many import Round, draft_many
+from draft_service.feature.session import run_plan
 from draft_service.feature.target_parts import load_target_parts, target_ref
 from orchestrator.clients import GrpcDrafter
 from speculum.config import SamplingParams
@@ -85,7 +86,9 @@ def test_batched_rounds_equal_rounds_alone(llava_engine, drafter, temperature):
         assume = [(), (), (), ()]
         if round_number == 2:
             assume[0] = (7, 8)
-        expected = [list(s.propose(n, a)) for s, n, a in zip(alone, lengths, assume)]
+        # (driven alone as plans: `propose` itself drafts a look-ahead as branches, never batched)
+        with torch.inference_mode():
+            expected = [list(run_plan(s.plan(n, a), s.model, s.cache)) for s, n, a in zip(alone, lengths, assume)]
         got = draft_many(drafter.model, [Round(s, n, a) for s, n, a in zip(batched, lengths, assume)])
         for one, many in zip(expected, got):
             assert not isinstance(many, Exception), many

@@ -18,7 +18,7 @@ from orchestrator.lookahead import _after_guess, _cut
 from orchestrator.loop import speculate
 from orchestrator.stopping import StopChecker
 from speculum.config import SamplingParams, SpeculationParams
-from speculum.records import DraftBlock
+from speculum.records import DraftBlock, join_pieces
 from speculum.tree import TreeShape
 import test_sampling_lossless
 from test_sampling_lossless import exact_marginals, matches, sample_counts, target  # noqa: F401 (fixtures)
@@ -165,3 +165,91 @@ def test_the_metered_wrappers_of_the_serve_replica_pass_the_look_ahead_through(l
                             MeteredVerifier(llava_engine.verifier, metrics), drafter, StopChecker(MAX_NEW, frozenset())))
     assert [t for c in chunks for t in c.token_ids] == reference
     assert chunks[-1].stats.drafted_ahead == chunks[-1].stats.target_forwards - 1
+
+
+@pytest.mark.parametrize("with_image", [True, False])
+def test_pipelined_greedy_equals_the_target_with_branching_look_aheads(llava_dir, llava_engine, with_image):
+    """K = the drafter's k: its look-aheads then cover rejections and two bonus guesses."""
+    prompt = build_prompt(llava_engine, "Describe the image in detail.", [png_bytes(6)] if with_image else [])
+    reference = hf_greedy(llava_engine.target, prompt, MAX_NEW)
+    tokens, _ = run(llava_engine, prompt, feature_drafter(llava_dir, llava_engine),
+                    SpeculationParams(num_draft_tokens=2, pipelined=True))
+    assert tokens == reference
+
+
+def test_each_branch_of_a_look_ahead_is_what_the_drafter_drafts_after_that_outcome(llava_dir, llava_engine):
+    """The look-ahead's tree forwards give, for every outcome it covers, the block a chain forward
+    over the same rows gives; alternatives differ from the block's tokens, the guesses from each other."""
+    import torch
+
+    from draft_service.feature.session import run_plan
+
+    drafter = feature_drafter(llava_dir, llava_engine)  # k = 2
+    prompt = build_prompt(llava_engine, "Describe the image in detail.", [png_bytes(7)])
+    sampling = SamplingParams(max_new_tokens=MAX_NEW).with_seed()
+    first = llava_engine.verifier.open(sampling, return_features=True).prefill(prompt)
+    session = drafter.open(sampling)
+    session.prefill(prompt, first)
+    block = join_pieces(list(session.propose(2)))
+    ahead = join_pieces(list(session.propose(3, block.tokens)))  # the guess, then 2 tokens
+
+    def chain_after(assumed):
+        with torch.inference_mode():
+            return join_pieces(list(run_plan(session.plan(2, assumed), session.model, session.cache))).tokens
+
+    guesses = [ahead.tokens[i] for i, parent in enumerate(ahead.parents) if parent < 0]
+    assert len(guesses) == 2 and guesses[0] != guesses[1]
+    for guess in guesses:
+        assert _after_guess(ahead, guess).tokens == chain_after((*block.tokens, guess))
+    assert [branch.accepted for branch in ahead.branches] == [0, 1]
+    for branch in ahead.branches:
+        assert branch.token != block.tokens[branch.accepted] and not branch.block.branches
+        assert branch.block.tokens == chain_after((*block.tokens[: branch.accepted], branch.token))
+
+
+def test_a_rejection_keeps_the_branch_of_the_settled_tokens_only():
+    from orchestrator.lookahead import Lookahead
+    from speculum.records import Branch, VerifyResult
+    from speculum.rejection import NextTokenKind
+
+    class Ahead:  # a draft session whose look-ahead guesses: rejected at 1 with 42
+        active = True
+
+        def propose_ahead(self, max_tokens, assume):
+            return DraftBlock((9, 1), parents=(-1, 0), branches=(Branch(1, 42, DraftBlock((5, 6))),))
+
+    block = DraftBlock((7, 8))
+    settled = {(1, 42): (5, 6), (1, 43): None, (0, 42): None, (2, 9): (1,), (2, 3): None}
+    for (accepted, token), expected in settled.items():
+        lookahead = Lookahead(Ahead(), enabled=True)
+        lookahead.start(block, 2)
+        kind = NextTokenKind.BONUS if accepted == 2 else NextTokenKind.RECOVERED
+        lookahead.settle(block, VerifyResult(accepted, (*block.tokens[:accepted], token), kind))
+        kept = lookahead.take(4)
+        assert (kept.tokens if kept else None) == expected, (accepted, token)
+        lookahead.close()
+
+
+def test_branches_survive_the_wire():
+    from speculum.records import Branch
+    from speculum.rpc import convert
+
+    block = DraftBlock((9, 1, 4), parents=(-1, 0, -1), branches=(Branch(0, 3, DraftBlock((5, 6))),
+                                                                 Branch(1, 42, DraftBlock((2,)))))
+    back = convert.block_from_proto(convert.block_to_proto(block))
+    assert back == block and convert.block_from_proto(convert.block_to_proto(DraftBlock((1,)))).branches == ()
+
+
+def test_the_public_api_pipelines_unless_the_request_says_otherwise():
+    from orchestrator.engine import GenerateRequest
+    from orchestrator.public_api import request_from_proto, request_to_proto
+    from speculum.v1 import speculum_pb2
+
+    assert SpeculationParams().pipelined is None  # in process: sequential (see the services test above)
+    assert request_from_proto(speculum_pb2.GenerateRequest(prompt="Hi")).speculation.pipelined is True
+    unset = request_to_proto(GenerateRequest("Hi"))
+    assert not unset.speculation.HasField("pipelined")
+    assert request_from_proto(unset).speculation.pipelined is True
+    for chosen in (True, False):
+        request = GenerateRequest("Hi", speculation=SpeculationParams(pipelined=chosen))
+        assert request_from_proto(request_to_proto(request)).speculation.pipelined is chosen

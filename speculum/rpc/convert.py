@@ -6,7 +6,7 @@ import torch
 
 from speculum import wire
 from speculum.config import SamplingParams
-from speculum.records import DraftBlock, PromptInputs, VerifyResult
+from speculum.records import Branch, DraftBlock, PromptInputs, VerifyResult
 from speculum.rejection import NextTokenKind
 from speculum.v1 import common_pb2, session_pb2
 
@@ -77,7 +77,9 @@ def prompt_from_proto(message: session_pb2.PromptInputs) -> PromptInputs:
 
 def block_to_proto(block: DraftBlock) -> session_pb2.DraftBlock:
     return session_pb2.DraftBlock(
-        tokens=block.tokens, draft_probs=tensor_to_proto(block.draft_probs), parents=block.parents or ()
+        tokens=block.tokens, draft_probs=tensor_to_proto(block.draft_probs), parents=block.parents or (),
+        branches=[session_pb2.DraftBranch(accepted=b.accepted, token=b.token, block=block_to_proto(b.block))
+                  for b in block.branches],
     )
 
 
@@ -86,6 +88,7 @@ def block_from_proto(message: session_pb2.DraftBlock) -> DraftBlock:
         tuple(message.tokens),
         draft_probs=_maybe(message, "draft_probs", "block.draft_probs"),
         parents=tuple(message.parents) or None,
+        branches=tuple(Branch(b.accepted, b.token, block_from_proto(b.block)) for b in message.branches),
     )
 
 
