@@ -27,7 +27,7 @@ from bench.stack import stack_in_child
 from orchestrator.engine import GenerateRequest
 from orchestrator.public_api import request_to_proto
 from orchestrator.remote_loop import LoopPlacement
-from speculum.config import SamplingParams
+from speculum.config import SamplingParams, SpeculationParams
 from speculum.launcher import StackConfig
 from speculum.paths import demo_drafter_dir, demo_target_dir
 from speculum.ports import free_port
@@ -41,7 +41,7 @@ MODES = (("one block per pass", False, False), ("batched verification", True, Fa
 
 
 def run_mode(window_ms: float, draft_window_ms: float, streams: int, per_stream: int, max_new_tokens: int,
-             drafter: str, loop_at: LoopPlacement) -> dict:
+             drafter: str, loop_at: LoopPlacement, pipelined: bool | None = None) -> dict:
     for service, window in (("VERIFY", window_ms), ("DRAFT", draft_window_ms)):
         os.environ[f"SPECULUM_{service}_BATCH_WINDOW_MS"] = str(window)
         os.environ[f"SPECULUM_{service}_MAX_BATCH"] = str(streams)
@@ -58,7 +58,8 @@ def run_mode(window_ms: float, draft_window_ms: float, streams: int, per_stream:
 
         def request(s: int, i: int):
             image = samples[(s + i) % len(samples)].read_bytes()
-            return request_to_proto(GenerateRequest(PROMPT, [image], SamplingParams(max_new_tokens=max_new_tokens)))
+            return request_to_proto(GenerateRequest(PROMPT, [image], SamplingParams(max_new_tokens=max_new_tokens),
+                                                    SpeculationParams(pipelined=pipelined)))
 
         stub.Generate(request(0, 0), timeout=300)  # warm-up
         barrier = threading.Barrier(streams + 1)
@@ -122,19 +123,21 @@ def main() -> None:
     parser.add_argument("--drafter", default=str(demo_drafter_dir()))
     parser.add_argument("--loop-at", type=LoopPlacement, default=LoopPlacement.VERIFIER,
                         help="where the stack runs requests' loops (default: the verifier)")
+    parser.add_argument("--pipelined", action=argparse.BooleanOptionalAction, default=None,
+                        help="the requests' speculation.pipelined (default: unset, the server's faster mode)")
     parser.add_argument("--out", type=Path, default=Path("runs/bench/batching.json"))
     args = parser.parse_args()
     rows = []
     for label, verify, draft in MODES:
         row = run_mode(args.window_ms if verify else 0.0, args.window_ms if draft else 0.0, args.streams,
-                       args.requests_per_stream, args.max_new_tokens, args.drafter, args.loop_at)
+                       args.requests_per_stream, args.max_new_tokens, args.drafter, args.loop_at, args.pipelined)
         rows.append({"mode": label} | row)
     answers = [row.pop("answers") for row in rows]
     same = all(a == answers[0] for a in answers)
     base = rows[0]["tokens_per_s"]
     print(f"{args.streams} concurrent streams x {args.requests_per_stream} requests, greedy, image prompts, "
           f"max {args.max_new_tokens} new tokens, drafter {Path(args.drafter).name}, {args.window_ms:g} ms windows, "
-          f"loops run in the {args.loop_at.value}")
+          f"loops run in the {args.loop_at.value}, pipelined: {'server default' if args.pipelined is None else args.pipelined}")
     print(f"{'mode':<24} {'tokens/s':>9} {'ratio':>6} {'p50 s':>7} {'p99 s':>7} {'verify batch':>12} {'draft batch':>11}")
     for row in rows:
         row["ratio"] = round(row["tokens_per_s"] / base, 3)

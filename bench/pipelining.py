@@ -36,15 +36,16 @@ def modes(draft_length: int, long_draft_length: int) -> dict[str, SpeculationPar
     (two semi-AR drafter passes per round: fewer rounds, so less of the split's per-round cost)."""
     chosen = {
         "target alone": SpeculationParams(enabled=False),
-        "sequential": SpeculationParams(num_draft_tokens=draft_length),
+        "sequential": SpeculationParams(num_draft_tokens=draft_length, pipelined=False),
         "pipelined": SpeculationParams(num_draft_tokens=draft_length, pipelined=True),
     }
     if long_draft_length:
-        chosen[f"sequential K={long_draft_length}"] = SpeculationParams(num_draft_tokens=long_draft_length)
+        chosen[f"sequential K={long_draft_length}"] = SpeculationParams(num_draft_tokens=long_draft_length,
+                                                                        pipelined=False)
         chosen[f"pipelined K={long_draft_length}"] = SpeculationParams(num_draft_tokens=long_draft_length,
                                                                        pipelined=True)
         chosen[f"adaptive K<={long_draft_length}"] = SpeculationParams(num_draft_tokens=long_draft_length,
-                                                                      adaptive=True)
+                                                                      pipelined=False, adaptive=True)
     return chosen
 
 

@@ -28,6 +28,7 @@ class Lookahead:
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="lookahead") if enabled else None
         self._running: Future | None = None
         self._ready: DraftBlock | None = None
+        self._shared = False  # the verifier had other requests' calls in flight at the last round
         self.hits = 0  # rounds whose block was drafted ahead
 
     def take(self, room: int) -> DraftBlock | None:
@@ -42,6 +43,10 @@ class Lookahead:
         """Begin drafting after `block` (being verified meanwhile): `max_tokens` beyond it, plus the guess."""
         if self._executor is None or not block.tokens or max_tokens <= 0 or not self._draft.active:
             return
+        # A shared verifier gains more from batching aligned rounds than from hiding this request's
+        # drafts (16 streams: 1.18x with look-aheads against 1.61x without, README).
+        if self._shared:
+            return
         # In the request's context, so the look-ahead's draft span joins the request's trace.
         context = contextvars.copy_context()
         self._running = self._executor.submit(context.run, self._draft.propose_ahead, max_tokens + 1, block.tokens)
@@ -49,6 +54,7 @@ class Lookahead:
     def settle(self, block: DraftBlock, result: VerifyResult) -> None:
         """Wait for the look-ahead (the draft session is free again after this) and keep the part
         that still holds after `result`, the verification of `block`."""
+        self._shared = result.queue_depth > 0
         running, self._running = self._running, None
         if running is None:
             return

@@ -40,6 +40,9 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--draft-length", type=int, default=SpeculationParams().num_draft_tokens, help="K per round")
     gen.add_argument("--adaptive", action=argparse.BooleanOptionalAction, default=SpeculationParams().adaptive,
                      help="K per round follows acceptance and the verifier's load, at most --draft-length")
+    gen.add_argument("--pipelined", action=argparse.BooleanOptionalAction, default=None,
+                     help="draft the next block during verification (default: the faster mode where the loop "
+                          "runs: on through --server, off in process)")
     gen.add_argument("--tree-width", type=int, default=1, help="candidate-tree branching (1 = chains; feature drafters)")
     gen.add_argument("--tree-nodes", type=int, default=0, help="tree node budget per round (0 = K x width)")
     gen.add_argument("--requests", type=Path, help="JSONL: prompt, image, max_new_tokens, temperature, seed")
@@ -89,7 +92,8 @@ def _to_request(spec: dict, args: argparse.Namespace):
         seed=spec.get("seed", args.seed),
         stop=tuple(spec.get("stop", args.stop)),
     )
-    speculation = SpeculationParams(enabled=True, num_draft_tokens=args.draft_length, adaptive=args.adaptive)
+    speculation = SpeculationParams(enabled=True, num_draft_tokens=args.draft_length, pipelined=args.pipelined,
+                                    adaptive=args.adaptive)
     return GenerateRequest(str(spec.get("prompt", "")), image_bytes, sampling, speculation)
 
 

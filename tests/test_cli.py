@@ -82,3 +82,11 @@ def test_train_drafter_and_bench_subcommands_exist():
     assert done.returncode == 0 and "--target" in done.stdout
     done = speculum("--help")
     assert done.returncode == 0 and all(c in done.stdout for c in ("generate", "serve", "bench", "train-drafter"))
+
+
+@pytest.mark.parametrize("flags, expected", [([], None), (["--pipelined"], True), (["--no-pipelined"], False)])
+def test_pipelined_is_left_to_where_the_loop_runs_unless_a_flag_says(flags, expected):
+    from speculum.cli import _to_request, build_parser
+
+    args = build_parser().parse_args(["generate", "--prompt", "hi", *flags])
+    assert _to_request({"prompt": "hi"}, args).speculation.pipelined is expected

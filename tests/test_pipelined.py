@@ -253,3 +253,27 @@ def test_the_public_api_pipelines_unless_the_request_says_otherwise():
     for chosen in (True, False):
         request = GenerateRequest("Hi", speculation=SpeculationParams(pipelined=chosen))
         assert request_from_proto(request_to_proto(request)).speculation.pipelined is chosen
+
+
+def test_no_look_ahead_while_the_verifier_serves_other_requests():
+    """Under concurrency the rounds stay aligned for batched verification: after a verification that
+    met other calls in flight, the next round is drafted after it, not ahead."""
+    from orchestrator.lookahead import Lookahead
+    from speculum.records import VerifyResult
+    from speculum.rejection import NextTokenKind
+
+    class Counting:
+        active = True
+        calls = 0
+
+        def propose_ahead(self, max_tokens, assume):
+            Counting.calls += 1
+            return DraftBlock((9, 1))
+
+    lookahead = Lookahead(Counting(), enabled=True)
+    block = DraftBlock((7, 8))
+    for depth, drafted_ahead in ((0, 1), (3, 2), (0, 2), (0, 3)):
+        lookahead.start(block, 2)
+        lookahead.settle(block, VerifyResult(2, (7, 8, 9), NextTokenKind.BONUS, queue_depth=depth))
+        assert Counting.calls == drafted_ahead, depth
+    lookahead.close()
