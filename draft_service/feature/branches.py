@@ -49,16 +49,16 @@ def branching_lookahead(model: FeatureDraftModel, cache: LayerCache, features: t
     positions = torch.tensor([[*range(real, real + m), *range(real, real + m)]])
     out = model(rows[None], cache, visible[None, None], positions)[0]  # [2m, k, D]
     after_block = out[m - 1, 0]  # predicts the bonus token
-    first = int(model.logits(after_block).argmax())
-    guesses = [first, _best_other(model.logits(after_block), first)]
+    bonus_logits = model.logits(after_block)
+    first = int(bonus_logits.argmax())
+    guesses = [first, _best_other(bonus_logits, first)]
     # forward B: the two guesses after the whole of b
     rows = model.fuse(model.embed(torch.tensor(guesses)), after_block.expand(2, -1))
     visible = torch.zeros(2, real + 2 * m + 2, dtype=torch.bool)
     visible[:, : real + m] = True
     visible[0, real + 2 * m] = visible[1, real + 2 * m + 1] = True
     guessed = model(rows[None], cache, visible[None, None], torch.full((1, 2), real + m))[0]  # [2, k, D]
-    main = _rooted([guesses[i] for i in range(2)], [choose(model.logits(guessed[i, :width])) for i in range(2)],
-                   model.logits(after_block))
+    main = _rooted(guesses, [choose(model.logits(guessed[i, :width])) for i in range(2)], bonus_logits)
     branches = tuple(Branch(j, alternatives[j], _plain(choose(model.logits(out[m + j, :width]))))
                      for j in range(m))
     return DraftBlock(main.tokens, main.draft_probs, main.parents, branches)
