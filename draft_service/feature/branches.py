@@ -17,6 +17,7 @@ exact; a wrong guess only costs the look-ahead.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Sequence
 
 import torch
@@ -58,10 +59,10 @@ def branching_lookahead(model: FeatureDraftModel, cache: LayerCache, features: t
     visible[:, : real + m] = True
     visible[0, real + 2 * m] = visible[1, real + 2 * m + 1] = True
     guessed = model(rows[None], cache, visible[None, None], torch.full((1, 2), real + m))[0]  # [2, k, D]
-    main = _rooted(guesses, [choose(model.logits(guessed[i, :width])) for i in range(2)], bonus_logits)
-    branches = tuple(Branch(j, alternatives[j], _plain(choose(model.logits(out[m + j, :width]))))
-                     for j in range(m))
-    return DraftBlock(main.tokens, main.draft_probs, main.parents, branches)
+    main = _rooted(guesses, [choose(logits) for logits in model.logits(guessed[:, :width])], bonus_logits)
+    after_alternatives = model.logits(out[m:, :width])  # [m, width, V]
+    branches = tuple(Branch(j, alternatives[j], choose(after_alternatives[j])) for j in range(m))
+    return dataclasses.replace(main, branches=branches)
 
 
 def _best_other(logits: torch.Tensor, token: int) -> int:
@@ -70,21 +71,18 @@ def _best_other(logits: torch.Tensor, token: int) -> int:
     return top[1] if top[0] == token else top[0]
 
 
-def _plain(block: DraftBlock) -> DraftBlock:
-    return DraftBlock(block.tokens, block.draft_probs)
-
-
 def _rooted(roots: list[int], below: list[DraftBlock], root_logits: torch.Tensor) -> DraftBlock:
     """A tree with `roots` side by side, each with its chain `below[i]` under it (nodes in order)."""
-    tokens, parents, probs = [], [], []
+    tokens, parents = [], []
     for root, chain in zip(roots, below):
         top = len(tokens)
         tokens.append(root)
         parents.append(-1)
         tokens.extend(chain.tokens)
         parents.extend(range(top, top + len(chain.tokens)))
-        if chain.draft_probs is not None:
-            # the root is a guess, never verified: its row is the drafter's distribution there
-            probs.extend([torch.softmax(root_logits.float(), -1)[None], chain.draft_probs])
-    return DraftBlock(tuple(tokens), torch.cat(probs) if probs and len(probs) == 2 * len(roots) else None,
-                      tuple(parents))
+    probs = None
+    if below[0].draft_probs is not None:  # sampling: every chain has them
+        # a root is a guess, never verified: its row is the drafter's distribution there
+        root_row = torch.softmax(root_logits.float(), -1)[None]
+        probs = torch.cat([row for chain in below for row in (root_row, chain.draft_probs)])
+    return DraftBlock(tuple(tokens), probs, tuple(parents))
