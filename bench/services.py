@@ -95,7 +95,8 @@ def _mean_ms(histogram) -> float:
     return 1000 * total / count if count else float("nan")
 
 
-def run(target_dir: Path, drafter: str, requests: int, max_new_tokens: int, loop_at: LoopPlacement) -> dict:
+def run(target_dir: Path, drafter: str, requests: int, max_new_tokens: int, loop_at: LoopPlacement,
+        speculation: SpeculationParams) -> dict:
     rows = {"in_process": [], "services": []}
     config = StackConfig(target_dir, drafter, port=free_port(), loop_at=loop_at.value)
     with stack_in_child(config) as (address, metrics_ports):
@@ -113,7 +114,7 @@ def run(target_dir: Path, drafter: str, requests: int, max_new_tokens: int, loop
         engine.generate(warm), stub.Generate(request_to_proto(warm), timeout=300)
         before = {part: scrape(port) for part, port in metrics_ports.items()}
         for index in range(requests):
-            request = GenerateRequest(PROMPTS[index % len(PROMPTS)], [image], sampling, SpeculationParams())
+            request = GenerateRequest(PROMPTS[index % len(PROMPTS)], [image], sampling, speculation)
             local = engine.generate(request)
             remote = stub.Generate(request_to_proto(request), timeout=300)
             assert list(remote.token_ids) == list(local.token_ids), "the split changed the output"
@@ -167,6 +168,10 @@ def main() -> None:
     parser.add_argument("--max-new-tokens", type=int, default=96)
     parser.add_argument("--loop-at", type=LoopPlacement, nargs="+", default=list(LoopPlacement),
                         help="where the stack runs requests' loops (one stack each, in turn; default: both)")
+    parser.add_argument("--num-draft-tokens", type=int, default=None,
+                        help="both sides' speculation.num_draft_tokens (default: unset, the API default)")
+    parser.add_argument("--pipelined", action=argparse.BooleanOptionalAction, default=None,
+                        help="both sides' speculation.pipelined (default: unset, each side's faster mode)")
     parser.add_argument("--out", type=Path, default=Path("runs/bench/services.json"))
     args = parser.parse_args()
     hf_logging.disable_progress_bar()
@@ -176,11 +181,14 @@ def main() -> None:
             target = demo_target_dir() if (demo_target_dir() / "config.json").is_file() else \
                 save_tiny_checkpoint(Path(workdir) / "target", STANDIN_TARGET)
         drafter = args.drafter or (str(demo_drafter_dir()) if (demo_drafter_dir() / "config.json").is_file() else "ngram")
-        reports = [run(Path(target), drafter, args.requests, args.max_new_tokens, placement)
+        speculation = SpeculationParams(pipelined=args.pipelined, **(
+            {} if args.num_draft_tokens is None else {"num_draft_tokens": args.num_draft_tokens}))
+        reports = [run(Path(target), drafter, args.requests, args.max_new_tokens, placement, speculation)
                    for placement in args.loop_at]
     print(f"split stack vs in-process: target {target}, drafter {drafter}, greedy, max_new_tokens="
           f"{args.max_new_tokens}, {args.requests} image requests interleaved; verifier core 0, drafter core 1; "
-          f"each side's default mode (in process sequential, through the services pipelined)")
+          f"K = {speculation.num_draft_tokens}; pipelined: "
+          f"{speculation.pipelined if speculation.pipelined is not None else 'each side default (in process no, through the services yes)'}")
     for report in reports:
         print(f" loop at the {report['loop_at']}:")
         medians = report["median_request_tokens_per_s"]
