@@ -58,12 +58,7 @@ class Lookahead:
         running, self._running = self._running, None
         if running is None:
             return
-        ahead = running.result()  # GuardedDraft never raises: a fault gives an empty block
-        if result.num_accepted == len(block.tokens):
-            self._ready = _after_guess(ahead, result.next_token)
-        elif block.is_chain:  # rejected: a branch may have guessed where, and the verifier's token
-            self._ready = next((branch.block for branch in ahead.branches
-                                if (branch.accepted, branch.token) == (result.num_accepted, result.next_token)), None)
+        self._ready = kept_block(running.result(), block, result)  # GuardedDraft never raises
 
     def close(self) -> None:
         """Waits for a look-ahead still drafting, so the draft session can be closed after it."""
@@ -72,6 +67,18 @@ class Lookahead:
             self._running = None
         if self._executor is not None:
             self._executor.shutdown(wait=True)
+
+
+def kept_block(ahead: DraftBlock, block: DraftBlock, result: VerifyResult) -> DraftBlock | None:
+    """The part of the look-ahead `ahead` (drafted after `block`) that holds after `result`, the
+    verification of `block`: the subtree under the verifier's next token if all of `block` was
+    accepted, else the branch for that rejection, if the drafter drafted one; None when nothing holds."""
+    if result.num_accepted == len(block.tokens):
+        return _after_guess(ahead, result.next_token)
+    if block.is_chain:  # rejected: a branch may have guessed where, and the verifier's token
+        return next((branch.block for branch in ahead.branches
+                     if (branch.accepted, branch.token) == (result.num_accepted, result.next_token)), None)
+    return None
 
 
 def _after_guess(ahead: DraftBlock, token: int) -> DraftBlock | None:

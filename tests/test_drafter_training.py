@@ -102,3 +102,22 @@ def test_a_retrained_target_invalidates_cached_features_and_checkpoint(tmp_path,
     log = [json.loads(line) for line in (run_dir / "train_log.jsonl").read_text().splitlines()]
     steps = [record["step"] for record in log if "step" in record and "loss" in record]
     assert steps.count(min(steps)) >= 2, "the second run must start again from its first step"
+
+
+def test_lookahead_weight_trains_other_weights_and_reports_pipelined_tau(tmp_path, llava_dir):
+    """--lookahead-weight adds the look-ahead term (same data and seed, other weights); with a draft
+    length within semi-AR k the evaluation also simulates the pipelined loop (whose look-aheads are
+    tested with a fitted drafter in test_lookahead_training)."""
+    runs = {}
+    for weight in ("0", "1.0"):
+        runs[weight] = main(["--target", str(llava_dir), "--out", str(tmp_path / f"drafter{weight}"),
+                             "--run-dir", str(tmp_path / f"run{weight}"), "--seed", "1", *TINY_RUN, "--eval-k", "2",
+                             "--stop-after", "3", "--lookahead-weight", weight])
+        if not (tmp_path / "run1.0").exists():  # the same data: collect the features once
+            (tmp_path / "run1.0").mkdir()
+            shutil.copy(tmp_path / "run0" / "features.safetensors", tmp_path / "run1.0")
+    plain, ahead = (load_file(str(tmp_path / f"drafter{w}" / "model.safetensors")) for w in ("0", "1.0"))
+    assert any(not torch.equal(plain[name], ahead[name]) for name in plain)
+    for summary in runs.values():
+        pipelined = summary["heldout"]["image_pipelined"]
+        assert pipelined is not None and pipelined["emitted"] == summary["heldout"]["image"]["emitted"]

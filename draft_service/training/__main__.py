@@ -56,6 +56,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--warmup-steps", type=int, default=50)
     p.add_argument("--text-only-fraction", type=float, default=0.3, help="MSD stage 1 share of the steps")
     p.add_argument("--noise", type=float, default=0.2)
+    p.add_argument("--lookahead-weight", type=float, default=0.0,
+                   help="weight of the loss on rows fed the drafter's own features, as pipelined look-aheads feed "
+                        "them (0: off; a second forward per step)")
     p.add_argument("--eval-every", type=int, default=0)
     p.add_argument("--checkpoint-every", type=int, default=200)
     p.add_argument("--eval-k", type=int, default=4)
@@ -124,6 +127,7 @@ def run(args: argparse.Namespace, argv: list[str] | None) -> dict:
                       args.max_new_tokens, args.seed)
     optim = OptimConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr, warmup_steps=args.warmup_steps,
                         text_only_fraction=args.text_only_fraction, noise=args.noise,
+                        lookahead_weight=args.lookahead_weight,
                         checkpoint_every=args.checkpoint_every, eval_every=args.eval_every, eval_k=args.eval_k,
                         seed=args.seed)
     ref = target_ref(target_dir, os.path.relpath(target_dir.resolve(), out.resolve()))

@@ -65,7 +65,8 @@ class OptimConfig:
     after `warmup_steps`, then cosine to `min_lr_ratio` of it · grad_clip: max gradient norm ·
     text_only_fraction: MSD stage 1, the share of steps on text-only data; stage 2 ramps the
     multimodal share linearly to 1.0 at the last step · noise: uniform noise width on input
-    features · feature_weight / ce_weight: the two loss terms · checkpoint_every / eval_every: in
+    features · feature_weight / ce_weight: the two loss terms · lookahead_weight: the look-ahead
+    term (training/objective.py; 0 = off; on, a step runs a second forward) · checkpoint_every / eval_every: in
     steps (0 = only at the end) · eval_k: draft length of the acceptance evaluation."""
 
     steps: int = 1000
@@ -80,6 +81,7 @@ class OptimConfig:
     noise: float = 0.2
     feature_weight: float = 1.0
     ce_weight: float = 0.1
+    lookahead_weight: float = 0.0
     checkpoint_every: int = 200
     eval_every: int = 0
     eval_k: int = 4
@@ -90,5 +92,7 @@ class OptimConfig:
             raise ValueError("steps, batch_size and eval_k must be positive, warmup_steps non-negative")
         if not 0 <= self.text_only_fraction < 1 or not 0 < self.min_lr_ratio <= 1:
             raise ValueError("text_only_fraction must be in [0, 1), min_lr_ratio in (0, 1]")
+        if self.lookahead_weight < 0:
+            raise ValueError("lookahead_weight must be non-negative")
         if self.lr <= 0 or self.grad_clip <= 0 or self.checkpoint_every < 0 or self.eval_every < 0:
             raise ValueError("lr and grad_clip must be positive; checkpoint/eval intervals non-negative")

@@ -23,7 +23,7 @@ from draft_service.feature.drafter import FeatureDrafter
 from draft_service.feature.model import FeatureDraftModel
 from draft_service.training.config import OptimConfig
 from draft_service.training.demo_data import FeaturePools
-from draft_service.training.evaluate import AcceptanceReport, simulated_tau
+from draft_service.training.evaluate import AcceptanceReport, simulated_pipelined_tau, simulated_tau
 from draft_service.training.features import FeatureSample
 from draft_service.training.objective import LossWeights, feature_loss
 from draft_service.training.schedule import learning_rate, multimodal_share
@@ -36,11 +36,14 @@ MOMENTS = ("exp_avg", "exp_avg_sq", "step")
 
 @dataclass(frozen=True)
 class Evaluation:
-    """Held-out acceptance after `step` optimizer steps, on image and text prompts."""
+    """Held-out acceptance after `step` optimizer steps, on image and text prompts; sequential, and
+    pipelined (look-aheads, `simulated_pipelined_tau`) for a semi-AR drafter."""
 
     step: int
     image: AcceptanceReport | None
     text: AcceptanceReport | None
+    image_pipelined: AcceptanceReport | None = None
+    text_pipelined: AcceptanceReport | None = None
 
 
 @dataclass(frozen=True)
@@ -69,8 +72,12 @@ def evaluate(model: FeatureDraftModel, facts: ModelFacts, pools: FeaturePools, k
     drafter = FeatureDrafter(model.eval(), facts)
     image = simulated_tau(drafter, pools.eval_image, k) if pools.eval_image else None
     text = simulated_tau(drafter, pools.eval_text, k) if pools.eval_text else None
+    # Look-aheads branch only for blocks of at most semi-AR k tokens (draft_service.feature.branches).
+    ahead = model.config.semi_ar_k > 1 and k <= model.config.semi_ar_k
+    image_ahead = simulated_pipelined_tau(drafter, pools.eval_image, k) if ahead and pools.eval_image else None
+    text_ahead = simulated_pipelined_tau(drafter, pools.eval_text, k) if ahead and pools.eval_text else None
     model.train(was_training)
-    return Evaluation(step, image, text)
+    return Evaluation(step, image, text, image_ahead, text_ahead)
 
 
 class Trainer:
@@ -87,7 +94,7 @@ class Trainer:
         self.params = {name: p for name, p in model.named_parameters() if p.requires_grad}
         self.optimizer = torch.optim.AdamW(self.params.values(), lr=config.lr, betas=config.betas,
                                            weight_decay=config.weight_decay)
-        self.weights = LossWeights(config.feature_weight, config.ce_weight, config.noise)
+        self.weights = LossWeights(config.feature_weight, config.ce_weight, config.noise, config.lookahead_weight)
         self.step = 0
 
     @property
@@ -172,5 +179,6 @@ class Trainer:
 
 def _summary(evaluation: Evaluation) -> str:
     parts = [f"{name} τ@{report.k}={report.tau:.2f}" for name, report in
-             (("image", evaluation.image), ("text", evaluation.text)) if report is not None]
+             (("image", evaluation.image), ("text", evaluation.text), ("image pipelined", evaluation.image_pipelined),
+              ("text pipelined", evaluation.text_pipelined)) if report is not None]
     return ", ".join(parts)
