@@ -37,37 +37,17 @@ class AcceptanceReport:
 
 def simulated_tau(drafter: FeatureDrafter, samples: Sequence[FeatureSample], k: int) -> AcceptanceReport:
     """Drive draft sessions over recorded greedy answers, as the loop would at temperature 0."""
-    rounds = emitted = drafted = accepted = 0
-    for sample in samples:
-        answer = sample.answer_ids
-        if len(answer) < 2:
-            continue
-        prompt_length = len(drafter.facts.expand_image_tokens(sample.prompt_ids))
-        session = drafter.open(SamplingParams(max_new_tokens=len(answer), seed=0))
-        prompt = PromptInputs(sample.prompt_ids, visual_embeds=sample.visual_embeds)
-        session.prefill(prompt, VerifyResult(0, (answer[0],), NextTokenKind.BONUS, sample.hidden[:prompt_length]))
-        done = 1  # answer tokens emitted so far; answer[done - 1] is the pending token
-        while done < len(answer):
-            room = min(k, len(answer) - done - 1)  # as the loop: the last token is always the verifier's
-            drafts = join_pieces(list(session.propose(room))).tokens if room > 0 else ()
-            matched = 0
-            while matched < len(drafts) and drafts[matched] == answer[done + matched]:
-                matched += 1
-            tokens = tuple(answer[done : done + matched + 1])
-            rounds, emitted = rounds + 1, emitted + len(tokens)
-            drafted, accepted = drafted + len(drafts), accepted + matched
-            hidden = sample.hidden[prompt_length + done - 1 : prompt_length + done + matched]
-            done += len(tokens)
-            if done < len(answer):
-                session.advance(VerifyResult(matched, tokens, NextTokenKind.BONUS, hidden))
-        session.close()
-    return AcceptanceReport(k, emitted / max(1, rounds), rounds, emitted, accepted / max(1, drafted))
+    return _simulate(drafter, samples, k, pipelined=False)
 
 
 def simulated_pipelined_tau(drafter: FeatureDrafter, samples: Sequence[FeatureSample], k: int) -> AcceptanceReport:
     """As `simulated_tau`, with the pipelined loop's look-aheads: while block b is verified the
     session drafts after it (`propose(..., assume=b)`), and the next round takes the part that holds
     (`kept_block`), else drafts as usual."""
+    return _simulate(drafter, samples, k, pipelined=True)
+
+
+def _simulate(drafter: FeatureDrafter, samples: Sequence[FeatureSample], k: int, pipelined: bool) -> AcceptanceReport:
     rounds = emitted = drafted = accepted = ahead_rounds = 0
     for sample in samples:
         answer = sample.answer_ids
@@ -77,7 +57,7 @@ def simulated_pipelined_tau(drafter: FeatureDrafter, samples: Sequence[FeatureSa
         session = drafter.open(SamplingParams(max_new_tokens=len(answer), seed=0))
         prompt = PromptInputs(sample.prompt_ids, visual_embeds=sample.visual_embeds)
         session.prefill(prompt, VerifyResult(0, (answer[0],), NextTokenKind.BONUS, sample.hidden[:prompt_length]))
-        done, ready = 1, None
+        done, ready = 1, None  # answer tokens emitted so far; answer[done - 1] is the pending token
         while done < len(answer):
             room = len(answer) - done - 1  # as the loop: the last token is always the verifier's
             if ready is not None and ready.tokens:
@@ -87,7 +67,7 @@ def simulated_pipelined_tau(drafter: FeatureDrafter, samples: Sequence[FeatureSa
                 block = join_pieces(list(session.propose(min(k, room)))) if room > 0 else DraftBlock(())
             further = min(k, room - len(block.tokens) - 1)
             ahead = join_pieces(list(session.propose(further + 1, block.tokens))) \
-                if further > 0 and block.tokens else None
+                if pipelined and further > 0 and block.tokens else None
             drafts = block.tokens
             matched = 0
             while matched < len(drafts) and drafts[matched] == answer[done + matched]:
