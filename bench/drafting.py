@@ -176,6 +176,9 @@ def main() -> None:
                         help="also run the shipped drafter with this K (0: skip)")
     parser.add_argument("--tree-depth", type=int, default=5)
     parser.add_argument("--tree", type=int, nargs=2, default=(2, 6), metavar=("WIDTH", "NODES"))
+    parser.add_argument("--groups", default=None,
+                        help="comma-separated KIND:T groups, e.g. image:0,text:0 (default: image:0 with --quick, "
+                             "else image and text at T = 0 and 1)")
     parser.add_argument("--out-dir", type=Path, default=Path("runs/bench"))
     args = parser.parse_args()
     repeats = args.repeats or (1 if args.quick else 2)
@@ -187,6 +190,8 @@ def main() -> None:
     engine = Engine.from_pretrained(target_dir)
     methods, missing = build_methods(engine, Path(target_dir), args)
     groups = [("image", 0.0)] if args.quick else [("image", 0.0), ("text", 0.0), ("image", 1.0), ("text", 1.0)]
+    if args.groups:
+        groups = [(kind, float(t)) for kind, t in (group.split(":") for group in args.groups.split(","))]
     engine.generate(requests("image", 1, 0.0, 8)[0])  # warm-up
     results = {}
     for kind, temperature in groups:

@@ -3,8 +3,8 @@
 Through the services: `speculum serve`'s stack (started in a child process: Ray's driver threads must
 not share this process with the in-process engine), verifier pinned to core 0 and drafter to core 1.
 In-process: the same target and drafter in this process, one torch thread, pinned to core 0.
-Requests alternate between the two, each in its default speculation mode (in process sequential,
-through the services pipelined: see SpeculationParams.pipelined). Reports tokens/s of each (all tokens over all seconds of the
+Requests alternate between the two, each in its default speculation mode (SpeculationParams: K = 8,
+sequential on both sides; `--num-draft-tokens` and `--pipelined` choose). Reports tokens/s of each (all tokens over all seconds of the
 same requests; the median per request too), their ratio (target >= 0.85), the
 per-round overhead of the split in ms, and time to first token for a cached image vs a new one
 (target <= 0.6); once for each place the stack can run requests' loops (the verifier, the default,
@@ -188,7 +188,7 @@ def main() -> None:
     print(f"split stack vs in-process: target {target}, drafter {drafter}, greedy, max_new_tokens="
           f"{args.max_new_tokens}, {args.requests} image requests interleaved; verifier core 0, drafter core 1; "
           f"K = {speculation.num_draft_tokens}; pipelined: "
-          f"{speculation.pipelined if speculation.pipelined is not None else 'each side default (in process no, through the services yes)'}")
+          f"{speculation.pipelined if speculation.pipelined is not None else 'each side default'}")
     for report in reports:
         print(f" loop at the {report['loop_at']}:")
         medians = report["median_request_tokens_per_s"]

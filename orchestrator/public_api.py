@@ -20,9 +20,10 @@ def _field(message, name: str, default):
     return getattr(message, name) if message.HasField(name) else default
 
 
-# Behind the public API the drafter runs on a device of its own, so drafting the next block while the
-# target verifies is the faster mode there (README, bench.pipelining); a request may still choose.
-PIPELINED_BEHIND_API = True
+# Behind the public API the drafter has a device of its own, yet at the default K = 8 sequential rounds
+# are the faster mode there too (the feature drafter's look-ahead branches only for blocks of at most
+# its k = 4 tokens; README, "Defaults"). A request may still choose.
+PIPELINED_BEHIND_API = False
 
 
 def request_from_proto(message: speculum_pb2.GenerateRequest) -> GenerateRequest:

@@ -240,16 +240,16 @@ def test_branches_survive_the_wire():
     assert back == block and convert.block_from_proto(convert.block_to_proto(DraftBlock((1,)))).branches == ()
 
 
-def test_the_public_api_pipelines_unless_the_request_says_otherwise():
+def test_the_public_api_default_is_sequential_at_the_default_k_unless_the_request_says_otherwise():
     from orchestrator.engine import GenerateRequest
     from orchestrator.public_api import request_from_proto, request_to_proto
     from speculum.v1 import speculum_pb2
 
-    assert SpeculationParams().pipelined is None  # in process: sequential (see the services test above)
-    assert request_from_proto(speculum_pb2.GenerateRequest(prompt="Hi")).speculation.pipelined is True
+    assert SpeculationParams().pipelined is None and SpeculationParams().num_draft_tokens == 8
+    assert request_from_proto(speculum_pb2.GenerateRequest(prompt="Hi")).speculation.pipelined is False
     unset = request_to_proto(GenerateRequest("Hi"))
     assert not unset.speculation.HasField("pipelined")
-    assert request_from_proto(unset).speculation.pipelined is True
+    assert request_from_proto(unset).speculation.pipelined is False
     for chosen in (True, False):
         request = GenerateRequest("Hi", speculation=SpeculationParams(pipelined=chosen))
         assert request_from_proto(request_to_proto(request)).speculation.pipelined is chosen
