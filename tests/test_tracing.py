@@ -121,8 +121,13 @@ def _request(image: bytes) -> speculum_pb2.GenerateRequest:
 
 
 def _all_services_reported(spans: list[ReceivedSpan]) -> bool:
-    # The request span ends last in the orchestrator; wait for it and for every service.
-    return {s.service for s in spans} >= SERVICES and any(s.name == "speculum.generate" for s in spans)
+    # The request span ends last in the orchestrator; wait for it, for every service, and for every
+    # span's parent: a long-lived DraftRounds stream's RPC spans end (and are exported) after it.
+    generate = [s for s in spans if s.name == "speculum.generate"]
+    if not generate or not {s.service for s in spans} >= SERVICES:
+        return False
+    known = {s.span_id for s in spans} | {generate[0].parent_span_id, ""}
+    return all(s.parent_span_id in known for s in spans)
 
 
 def test_one_trace_per_request_across_all_four_services(traced_stack, receiver):
