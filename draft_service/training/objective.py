@@ -134,22 +134,20 @@ def _lookahead_blocks(model: FeatureDraftModel, context, tokens: torch.Tensor, f
     real = len(context.inputs)
     answer_rows = torch.nonzero(context.target_positions >= first).flatten()  # text rows, consecutive
     phase = int(torch.randint(k + 1, (1,), generator=generator))
-    sources, spec, offsets, starts = [], [], [], []
+    sources, offsets = [], []  # block row p + 1 + d: its real row p and its offset d
     for start in range(phase, len(answer_rows) - 1, k + 1):
         p = int(answer_rows[start])
         for d in range(min(k, len(answer_rows) - 1 - start)):
             sources.append(p)
-            spec.append(p + 1 + d)
             offsets.append(d)
-            starts.append(p + 1)
-    spec_rows = torch.tensor(spec, dtype=torch.long)
-    visible = torch.ones(real + len(spec), real + len(spec), dtype=torch.bool).tril_()
-    if not spec:
+    source, offset = torch.tensor(sources, dtype=torch.long), torch.tensor(offsets, dtype=torch.long)
+    spec_rows = source + 1 + offset
+    visible = torch.ones(real + len(spec_rows), real + len(spec_rows), dtype=torch.bool).tril_()
+    if not sources:
         return context.inputs, torch.arange(real), visible, spec_rows
     next_tokens = tokens[context.target_positions[spec_rows] + 1]
-    fed = model.fuse(model.embed(next_tokens), features[torch.tensor(sources), torch.tensor(offsets)])
-    begin = torch.tensor(starts)
-    visible[real:, :real] = torch.arange(real)[None, :] < begin[:, None]  # the real rows up to p
-    same_block = (begin[:, None] == begin[None, :]) & (spec_rows[None, :] <= spec_rows[:, None])
+    fed = model.fuse(model.embed(next_tokens), features[source, offset])
+    visible[real:, :real] = torch.arange(real)[None, :] <= source[:, None]  # the real rows up to p
+    same_block = (source[:, None] == source[None, :]) & (offset[None, :] <= offset[:, None])
     visible[real:, real:] = same_block
     return torch.cat([context.inputs, fed]), torch.cat([torch.arange(real), spec_rows]), visible, spec_rows
