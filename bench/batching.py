@@ -22,7 +22,7 @@ from pathlib import Path
 
 import grpc
 
-from bench.services import round_breakdown, scrape
+from bench.services import LOOP_PART, round_breakdown, scrape
 from bench.stack import stack_in_child
 from orchestrator.engine import GenerateRequest
 from orchestrator.public_api import request_to_proto
@@ -91,7 +91,7 @@ def run_mode(window_ms: float, draft_window_ms: float, streams: int, per_stream:
                              - before[service].get((f"speculum_{service}_batch_{name}_total", frozenset()), 0.0)
                              for name in ("passes", "items"))
             mean_batch[service] = round(items / passes, 2) if passes else None
-        loop_part = "verify" if loop_at is LoopPlacement.VERIFIER else "orchestrator"
+        loop_part = LOOP_PART[loop_at]
         rounds = {name: round(ms, 2) for name, ms in round_breakdown(before, after, loop_part).items()}
         # CPU seconds each part used over the load (its process_* metrics): which core is the bottleneck.
         cpu = {part: round(after[part].get(("process_cpu_seconds_total", frozenset()), 0.0)

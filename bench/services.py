@@ -68,9 +68,13 @@ def scrape(port: int) -> dict[tuple[str, frozenset], float]:
             for family in text_string_to_metric_families(text) for sample in family.samples}
 
 
+# The part (metrics) whose process runs requests' loops.
+LOOP_PART = {LoopPlacement.VERIFIER: "verify", LoopPlacement.DRAFTER: "draft", LoopPlacement.ORCHESTRATOR: "orchestrator"}
+
+
 def round_breakdown(before: dict, after: dict, loop_part: str) -> dict:
     """Mean ms of a round's draft and verification as the loop saw them (`loop_part`: the process
-    the loop runs in), and, with the loop in the orchestrator, the verifier's own handling time of
+    the loop runs in), and, with the loop away from the verifier, the verifier's own handling time of
     a Verify (the difference is transport, (de)serialization and scheduling)."""
 
     def mean_ms(part: str, name: str, labels: dict | None = None) -> float:
@@ -122,7 +126,7 @@ def run(target_dir: Path, drafter: str, requests: int, max_new_tokens: int, loop
                                        local.stats.target_forwards))
             rows["services"].append((len(remote.token_ids), remote.timing.ttft_s + remote.timing.decode_s,
                                      remote.speculation.target_forwards))
-        loop_part = "verify" if loop_at is LoopPlacement.VERIFIER else "orchestrator"
+        loop_part = LOOP_PART[loop_at]
         rounds = round_breakdown(before, {part: scrape(port) for part, port in metrics_ports.items()}, loop_part)
         rounds["in_process_draft_round_ms"] = _mean_ms(local_rounds.draft_round)
         rounds["in_process_verify_round_ms"] = _mean_ms(local_rounds.verify_round)

@@ -8,17 +8,29 @@ orchestrator then decodes with the target alone.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
+import os
 import threading
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 from draft_service.batching import DraftBatcher, batchable
-from orchestrator.protocols import DraftSession, Drafter
-from speculum.metrics import SessionCollector, batch_collector
-from speculum.errors import Unavailable
+from draft_service.hosted import LocalDrafter
+from orchestrator.clients import GrpcVerifier, connect
+from orchestrator.hosting import HostedLoops, serve_stream
+from orchestrator.metered import MeteredDrafter, MeteredVerifier
+from orchestrator.prompting import PromptBuilder
+from orchestrator.protocols import DraftSession, Drafter, Verifier
+from orchestrator.remote_loop import loop_chunk_to_proto, loop_request_from_proto
+from speculum.config import SamplingParams
+from speculum.errors import InvalidArgument, Unavailable
+from speculum.metrics import RoundMetrics, SessionCollector, batch_collector, new_registry
+from speculum.model_facts import ModelFacts
+from speculum.records import DraftBlock, PromptInputs, VerifyResult
 from speculum.rpc import convert
 from speculum.rpc.server import RunningServer, run_until_signal, start_server
-from speculum.rpc.settings import BatchSettings, ServerSettings, SessionSettings
+from speculum.rpc.settings import BatchSettings, ClientSettings, ServerSettings, SessionSettings
 from speculum.rpc.status import mapped
 from speculum.sessions import SessionStore
 from speculum.telemetry import setup_tracing, tracer
@@ -27,11 +39,15 @@ from speculum.v1.session_pb2 import ReleaseResponse
 
 SERVICE_NAME = "speculum.v1.Drafter"
 DEFAULT_PORT = 50063
+VERIFY_TIMEOUT_S = 60.0  # a hosted loop's verify calls (prefill, rounds, release)
 
 
 class DrafterServicer(drafter_pb2_grpc.DrafterServicer):
+    """`loops` runs the requests' loops that Generate hosts here (set by `serve`)."""
+
     def __init__(self, drafter: Drafter, sessions: SessionSettings, batch: BatchSettings = BatchSettings()):
         self.drafter = drafter
+        self.loops: HostedLoops | None = None
         self.sessions: SessionStore[DraftSession] = SessionStore(
             sessions.ttl_s, sessions.max_sessions, evict_when_full=True, close=lambda s: s.close()
         )
@@ -46,14 +62,30 @@ class DrafterServicer(drafter_pb2_grpc.DrafterServicer):
 
     @mapped
     def Prefill(self, request, context):
-        session = self.drafter.open(convert.session_sampling_from_proto(request.sampling))
-        with self._device:
-            session.prefill(convert.prompt_from_proto(request.prompt), convert.result_from_proto(request.first))
+        self.prefill(request.session_id, convert.session_sampling_from_proto(request.sampling),
+                     convert.prompt_from_proto(request.prompt), convert.result_from_proto(request.first))
         if not context.is_active():  # the caller gave up waiting (deadline): nobody would release it
-            session.close()
+            self.sessions.release(request.session_id)
             raise Unavailable("the caller is gone")
-        self.sessions.open(request.session_id, session)
         return drafter_pb2.DrafterPrefillResponse()
+
+    @mapped
+    def Generate(self, request, context):
+        if self.loops is None:
+            raise Unavailable("this draft service hosts no loops: it has no verify service address")
+        loop = loop_request_from_proto(request)
+        yield from serve_stream(self.loops.run(loop), loop_chunk_to_proto, context, loop.final_only)
+
+    def prefill(self, session_id: str, sampling: SamplingParams, prompt: PromptInputs, first: VerifyResult) -> None:
+        """Open session `session_id` on the target's prefill result `first`."""
+        session = self.drafter.open(sampling)
+        try:
+            with self._device:
+                session.prefill(prompt, first)
+        except BaseException:
+            session.close()
+            raise
+        self.sessions.open(session_id, session)
 
     @mapped
     def Draft(self, request, context):
@@ -76,18 +108,24 @@ class DrafterServicer(drafter_pb2_grpc.DrafterServicer):
 
     def _round(self, request):
         """Commit the request's `advance`, then the pieces of the next block as protos."""
-        with self.sessions.use(request.session_id) as session:
-            if request.HasField("advance"):
-                session.advance(convert.result_from_proto(request.advance))
+        advance = convert.result_from_proto(request.advance) if request.HasField("advance") else None
+        for block in self.propose(request.session_id, advance, request.max_tokens, tuple(request.assume)):
+            yield convert.block_to_proto(block)
+
+    def propose(self, session_id: str, advance: VerifyResult | None, max_tokens: int,
+                assume: tuple[int, ...]) -> Iterator[DraftBlock]:
+        """Commit `advance` (if any) in session `session_id`, then the pieces of its next block."""
+        with self.sessions.use(session_id) as session:
+            if advance is not None:
+                session.advance(advance)
             # a look-ahead (assume) drafts alone: a feature session covers several outcomes then
-            if self.batcher is not None and batchable(session) and not request.assume:
+            if self.batcher is not None and batchable(session) and not assume:
                 with tracer().start_as_current_span("speculum.drafter.propose") as span:
-                    blocks = self.batcher.draft(session, request.max_tokens, tuple(request.assume))
+                    blocks = self.batcher.draft(session, max_tokens, assume)
                     span.set_attribute("speculum.draft_tokens", sum(len(b.tokens) for b in blocks))
-                for block in blocks:
-                    yield convert.block_to_proto(block)
+                yield from blocks
                 return
-            pieces = session.propose(request.max_tokens, tuple(request.assume))
+            pieces = session.propose(max_tokens, assume)
             # One span per round rather than per piece: the loop's last `next` only finds the end.
             with tracer().start_as_current_span("speculum.drafter.propose") as span:
                 drafted = 0
@@ -99,7 +137,7 @@ class DrafterServicer(drafter_pb2_grpc.DrafterServicer):
                         break
                     drafted += len(piece.tokens)
                     span.set_attribute("speculum.draft_tokens", drafted)
-                    yield convert.block_to_proto(piece)
+                    yield piece
 
     @mapped
     def Release(self, request, context):
@@ -107,8 +145,20 @@ class DrafterServicer(drafter_pb2_grpc.DrafterServicer):
 
 
 def serve(drafter: Drafter, settings: ServerSettings, sessions: SessionSettings,
-          batch: BatchSettings = BatchSettings()) -> RunningServer:
+          batch: BatchSettings = BatchSettings(), verifier: Verifier | None = None,
+          eos_token_ids: frozenset[int] = frozenset(),
+          decode: Callable[[Sequence[int]], str] | None = None) -> RunningServer:
+    """`verifier`: the verify service's client for the loops this drafter hosts (without one,
+    Generate is FAILED_PRECONDITION); `eos_token_ids` and `decode`: the target's, for their stop
+    conditions."""
     servicer = DrafterServicer(drafter, sessions, batch)
+    registry = new_registry()
+    if verifier is not None:
+        # A hosted loop holds a worker thread for its whole request: one more per session it may hold.
+        settings = dataclasses.replace(settings, max_workers=settings.max_workers + sessions.max_sessions)
+        rounds = RoundMetrics(registry)
+        servicer.loops = HostedLoops(MeteredVerifier(verifier, rounds), MeteredDrafter(LocalDrafter(servicer), rounds),
+                                     eos_token_ids, decode or _no_decoder)
     running = start_server(
         settings,
         [lambda server: drafter_pb2_grpc.add_DrafterServicer_to_server(servicer, server)],
@@ -116,8 +166,21 @@ def serve(drafter: Drafter, settings: ServerSettings, sessions: SessionSettings,
         servicer,
         collectors=[SessionCollector(servicer.sessions),
                     batch_collector(lambda: servicer.batcher and servicer.batcher.stats, "draft")],
+        registry=registry,
     )
     return running
+
+
+def _verifier_client(address: str, settings: ServerSettings) -> Verifier | None:
+    """The verify service's client as the orchestrator would build it (TLS, deadline)."""
+    if not address:
+        return None
+    clients = ClientSettings.from_env()
+    return GrpcVerifier(connect(address, clients, settings.max_message_bytes), timeout_s=VERIFY_TIMEOUT_S)
+
+
+def _no_decoder(token_ids: Sequence[int]) -> str:
+    raise InvalidArgument("sampling.stop", "this drafter has no tokenizer to match stop strings")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -129,6 +192,9 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description="Speculum draft service.")
     parser.add_argument("--target", type=Path, required=True, help="the target folder (vocabulary checks)")
     parser.add_argument("--drafter", required=True, help="ngram | DIR")
+    parser.add_argument("--verifier-address", default=os.environ.get("SPECULUM_VERIFY_ADDRESS", ""),
+                        help="host:port of the verify service, for the loops this drafter hosts "
+                             "(default $SPECULUM_VERIFY_ADDRESS; empty: it hosts none)")
     args = parser.parse_args(argv)
     setup_logging("draft")
     setup_tracing("drafter")  # before the server is built: instrumentation patches grpc.server
@@ -137,7 +203,10 @@ def main(argv: list[str] | None = None) -> None:
     drafter = load_drafter(args.drafter, target_vocab_size(args.target), tree_shape=tree_shape_from_env())
     if drafter is None:
         raise SystemExit("the draft service needs a drafter (ngram or a folder), not none")
-    running = serve(drafter, settings, SessionSettings.from_env("DRAFT"), BatchSettings.from_env("DRAFT"))
+    facts = ModelFacts.from_pretrained(args.target)
+    running = serve(drafter, settings, SessionSettings.from_env("DRAFT"), BatchSettings.from_env("DRAFT"),
+                    _verifier_client(args.verifier_address, settings), facts.eos_token_ids,
+                    PromptBuilder.from_pretrained(args.target, facts).decode)
     logging.getLogger("speculum.draft").info("ready port=%d", running.port)
     run_until_signal(running, settings.grace_s)
 

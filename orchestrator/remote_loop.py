@@ -1,10 +1,13 @@
-"""Requests whose loop runs beside the target (`Verifier.Generate`, see verify_service.hosted).
+"""Requests whose loop runs beside the target (`Verifier.Generate`) or beside the drafter
+(`Drafter.Generate`); see orchestrator.hosting.
 
-The orchestrator sends the prepared prompt once and relays the chunks. When the verifier loses the
-stream (restarted, drained: UNAVAILABLE or NOT_FOUND), the request goes on from what it emitted on
-a fresh stream, for a bounded time: the prompt followed by the emitted tokens is prefilled, so the
-next token is the one the lost stream would have produced (greedy output unchanged; a sampled
-request continues with a seed derived for the new stream, so it stays an exact sample).
+The orchestrator sends the prepared prompt once and relays the chunks. When the host loses the
+stream (restarted, drained: UNAVAILABLE or NOT_FOUND), the request goes on from what it emitted:
+the prompt followed by the emitted tokens is prefilled, so the next token is the one the lost
+stream would have produced (greedy output unchanged; a sampled request continues with a seed
+derived for the new stream, so it stays an exact sample). A verifier is waited for on fresh
+streams, for a bounded time (nothing can decode without it); a drafter is not: the rest of the
+request runs in the orchestrator's own loop (`fallback`), so a dead drafter only costs speed.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ import threading
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import grpc
 
@@ -27,7 +31,10 @@ from speculum.records import PromptInputs
 from speculum.rpc import convert
 from speculum.rpc.status import error_from_rpc
 from speculum.stats import SpecStats
-from speculum.v1 import verifier_pb2, verifier_pb2_grpc
+from speculum.v1 import drafter_pb2_grpc, verifier_pb2, verifier_pb2_grpc
+
+if TYPE_CHECKING:
+    from orchestrator.hosting import HostedLoops
 
 log = logging.getLogger("speculum.remote_loop")
 
@@ -38,9 +45,11 @@ RESUMABLE = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.NOT_FOUND)
 
 class LoopPlacement(enum.Enum):
     """Where a request's loop runs: beside the target (default: a round is one message each way to
-    the drafter, and the target is a local call) or in the orchestrator (two calls per round)."""
+    the drafter, and the target is a local call), beside the drafter (a round is one Verify call,
+    and a pipelined look-ahead needs no message) or in the orchestrator (two calls per round)."""
 
     VERIFIER = "verifier"
+    DRAFTER = "drafter"
     ORCHESTRATOR = "orchestrator"
 
 
@@ -139,17 +148,24 @@ def _drain(call) -> None:
 
 # --- the client -----------------------------------------------------------------------------------
 class GrpcLoopHost:
-    """Runs each request's loop on a verify service, relaying its chunks."""
+    """Runs each request's loop on a verify service (default) or a draft service, relaying its chunks.
 
-    def __init__(self, channel: grpc.Channel, resume_within_s: float = RESUME_WITHIN_S):
-        self._stub = verifier_pb2_grpc.VerifierStub(channel)
+    fallback: where the rest of a request runs when the host loses its stream (a HostedLoops here,
+    over clients of both services); None: fresh streams on the host, for `resume_within_s`."""
+
+    def __init__(self, channel: grpc.Channel, resume_within_s: float = RESUME_WITHIN_S,
+                 at: LoopPlacement = LoopPlacement.VERIFIER, fallback: HostedLoops | None = None):
+        stub = verifier_pb2_grpc.VerifierStub if at is LoopPlacement.VERIFIER else drafter_pb2_grpc.DrafterStub
+        self._generate = stub(channel).Generate
+        self.at = at
         self.resume_within_s = resume_within_s
+        self.fallback = fallback
 
     def stream(self, prompt: PromptInputs, sampling: SamplingParams, speculation: SpeculationParams,
                started: float, each_round: bool = True) -> ChunkStream:
         """The request's chunks, as `orchestrator.loop.speculate` yields them (timing as this side saw
         it); without `each_round`, one chunk with the whole answer (a lost stream then starts over).
-        Its `cancel` ends the verifier's stream at once, even while a chunk is awaited."""
+        Its `cancel` ends the host's stream at once, even while a chunk is awaited."""
         current = _CurrentCall()
         return ChunkStream(self._chunks(prompt, sampling, speculation, started, each_round, current), current.cancel)
 
@@ -165,11 +181,11 @@ class GrpcLoopHost:
             request = self._request(prompt, sampling, speculation, emitted, streams, final_only=not each_round)
             # Started in the caller's context: the instrumented channel carries the request's trace.
             call_started = time.perf_counter()
-            call = current.start(lambda: self._stub.Generate(loop_request_to_proto(request)))
+            call = current.start(lambda: self._generate(loop_request_to_proto(request)))
             if call is None:  # cancelled
                 return
             counts = SpecStats()
-            finished = False
+            finished = falling_back = False
             try:
                 for message in call:
                     lost_at = None
@@ -190,26 +206,53 @@ class GrpcLoopHost:
                         yield Chunk(tokens, FINISH_BACK[message.finish_reason], stats)
                         return
                     yield Chunk(tokens, stats=_add(done, counts))
-                raise Unavailable("the verifier ended the request's stream before it finished")
+                raise Unavailable(f"the {self.at.value} ended the request's stream before it finished")
             except grpc.RpcError as exc:
                 if current.cancelled:
                     return
                 if exc.code() not in RESUMABLE:
                     raise error_from_rpc(exc) from exc
-                lost_at = lost_at or time.monotonic()
-                if time.monotonic() - lost_at > self.resume_within_s:
-                    raise Unavailable(f"verifier: not back within {self.resume_within_s:.0f} s: "
-                                      f"{exc.code().name}: {exc.details()}") from exc
-                log.warning("verifier lost the request's stream (%s); resuming at %d tokens", exc.code().name,
-                            len(emitted))
-                time.sleep(min(0.1 * 2 ** min(streams, 3), 1.0) if streams else 0.0)
+                falling_back = self.fallback is not None
+                if falling_back:  # the rest runs here, once the finally clause cancelled the lost call
+                    log.warning("the %s lost the request's stream (%s); going on here at %d tokens", self.at.value,
+                                exc.code().name, len(emitted))
+                else:
+                    lost_at = lost_at or time.monotonic()
+                    self._wait_to_resume(exc, lost_at, len(emitted), streams)
             finally:
-                if finished:  # let the verifier end the stream itself (OK, sessions released there)
+                if finished:  # let the host end the stream itself (OK, sessions released there)
                     _drain(call)
                 else:  # abandoned (client gone, deadline) or failed: cancelling frees both sessions
                     call.cancel()
             done = _add(done, counts)
             streams += 1
+            if falling_back:
+                yield from self._fall_back(prompt, sampling, speculation, emitted, streams, done, started, first_at,
+                                           not each_round)
+                return
+
+    def _wait_to_resume(self, exc: grpc.RpcError, lost_at: float, emitted: int, streams: int) -> None:
+        """Back off before a fresh stream on the host; Unavailable once it is gone for too long."""
+        if time.monotonic() - lost_at > self.resume_within_s:
+            raise Unavailable(f"{self.at.value}: not back within {self.resume_within_s:.0f} s: "
+                              f"{exc.code().name}: {exc.details()}") from exc
+        log.warning("the %s lost the request's stream (%s); resuming at %d tokens", self.at.value,
+                    exc.code().name, emitted)
+        time.sleep(min(0.1 * 2 ** min(streams, 3), 1.0) if streams else 0.0)
+
+    def _fall_back(self, prompt: PromptInputs, sampling: SamplingParams, speculation: SpeculationParams,
+                   emitted: list[int], streams: int, done: SpecStats, started: float, first_at: float | None,
+                   final_only: bool) -> Iterator[Chunk]:
+        """The rest of the request after `emitted`, from the fallback's loop (counts added to `done`)."""
+        request = self._request(prompt, sampling, speculation, emitted, streams, final_only)
+        for chunk in self.fallback.run(request):
+            if first_at is None:
+                first_at = time.perf_counter()
+            stats = _add(done, chunk.stats)
+            if chunk.finish is not None:
+                stats.ttft_s = first_at - started
+                stats.decode_s = time.perf_counter() - first_at
+            yield Chunk(chunk.token_ids, chunk.finish, stats)
 
     @staticmethod
     def _request(prompt: PromptInputs, sampling: SamplingParams, speculation: SpeculationParams,

@@ -1,8 +1,9 @@
 """The Ray Serve application behind the public gRPC API (`speculum.v1.Speculum`).
 
 A replica holds no model: it tokenizes with the target's tokenizer, has the images encoded, then
-relays the request's loop, which runs beside the target (`Verifier.Generate`), or, with
-`loop_at=ORCHESTRATOR`, runs here over gRPC clients of the verify and draft services. Either is
+relays the request's loop, which runs beside the target (`Verifier.Generate`) or beside the drafter
+(`loop_at=DRAFTER`, `Drafter.Generate`), or, with `loop_at=ORCHESTRATOR`, runs here over gRPC
+clients of the verify and draft services. Each is
 blocking, so each request steps it in a worker thread; when Serve cancels the request (client gone,
 deadline passed) the generator is closed, which releases the sessions in both services.
 
@@ -33,6 +34,7 @@ from orchestrator.loop import Chunk
 from orchestrator.metered import MeteredDrafter, MeteredVerifier
 from orchestrator.prompting import PromptBuilder
 from orchestrator.public_api import chunk_to_proto, request_from_proto
+from orchestrator.hosting import HostedLoops
 from orchestrator.remote_loop import GrpcLoopHost, LoopPlacement
 from speculum.errors import SpeculumError, Unauthenticated
 from speculum.metrics import RoundMetrics, RpcMetrics, SpecMetrics, export, new_registry
@@ -61,7 +63,9 @@ class OrchestratorConfig:
     clients: TLS towards the services and the per-round draft deadline.
     loop_at: where requests' loops run. VERIFIER (default): the verify service runs each loop and
         drafts with its own draft-service client (its SPECULUM_DRAFT_ADDRESS); `draft_address` is
-        then unused here. ORCHESTRATOR: this replica runs them over clients of both services.
+        then unused here. DRAFTER: the draft service runs each loop with its verify-service client (its
+        SPECULUM_VERIFY_ADDRESS); a request whose stream the drafter loses goes on here, over clients of
+        both services. ORCHESTRATOR: this replica runs them over clients of both services.
     metrics: the replica's Prometheus exporter (off by default; replica i on a node takes port + i)."""
 
     target_dir: str
@@ -110,7 +114,12 @@ class SpeculumApp:
                                 round_deadline_s=config.clients.draft_round_deadline_s),
                     rounds,
                 )
-            self.engine = Engine(facts, prompts, verifier, drafter, encoder)
+            if config.loop_at is LoopPlacement.DRAFTER and config.draft_address:
+                here = HostedLoops(verifier, drafter, facts.eos_token_ids, prompts.decode)
+                host = GrpcLoopHost(channel(config.draft_address), at=LoopPlacement.DRAFTER, fallback=here)
+                self.engine = Engine(facts, prompts, None, None, encoder, loop_host=host)
+            else:  # ORCHESTRATOR, or DRAFTER without a drafter: the target alone, here
+                self.engine = Engine(facts, prompts, verifier, drafter, encoder)
         self._threads = ThreadPoolExecutor(max_workers=config.max_concurrent, thread_name_prefix="loop")
         self._api_token = config.api_token
 

@@ -41,7 +41,7 @@ class StackConfig:
         the verifier on N+2, the drafter on N+3; 0 (default) picks free ports (logged, `metrics_ports`);
         None turns the exporters off.
     loop_at: where requests' loops run (`orchestrator.remote_loop.LoopPlacement` value): "verifier"
-        (default) or "orchestrator"."""
+        (default), "drafter" or "orchestrator"."""
 
     target_dir: Path
     drafter: str = "ngram"
@@ -184,12 +184,16 @@ class LocalStack:
         cores = {"VERIFY": "0", "DRAFT": "1"} if self.config.pin_cores and (os.cpu_count() or 1) >= 2 else {}
         self._spawn("encoder", "ENCODER", ["vision_encoder.server", "--target", target, "--drafter", self.config.drafter],
                     "speculum.v1.VisionEncoder")
-        draft = self._spawn("draft", "DRAFT",
-                            ["draft_service.server", "--target", target, "--drafter", self.config.drafter],
-                            "speculum.v1.Drafter", cores.get("DRAFT"))
-        # The verifier drafts with the drafter directly when it hosts requests' loops.
+        # Each may host requests' loops: the verifier drafts with the drafter directly, the drafter
+        # verifies with the verifier directly.
+        draft_port, verify_port = free_port(), free_port()
+        self._spawn("draft", "DRAFT",
+                    ["draft_service.server", "--target", target, "--drafter", self.config.drafter,
+                     "--verifier-address", f"127.0.0.1:{verify_port}"],
+                    "speculum.v1.Drafter", cores.get("DRAFT"), draft_port)
         self._spawn("verify", "VERIFY", ["verify_service.server", "--target", target, "--drafter-address",
-                                         draft.address], "speculum.v1.Verifier", cores.get("VERIFY"))
+                                         f"127.0.0.1:{draft_port}"], "speculum.v1.Verifier", cores.get("VERIFY"),
+                    verify_port)
         for service in self.services:
             service.wait_healthy(self.config.startup_timeout_s)
         by_name = {s.name: s.address for s in self.services}
@@ -219,8 +223,8 @@ class LocalStack:
         return port
 
     def _spawn(self, name: str, prefix: str, module_args: list[str], service: str,
-               cpus: str | None = None) -> ServiceProcess:
-        port = free_port()
+               cpus: str | None = None, port: int | None = None) -> ServiceProcess:
+        port = port or free_port()
         env = {**os.environ, f"SPECULUM_{prefix}_PORT": str(port), "HF_HUB_OFFLINE": "1"}
         metrics_port = self._metrics_port(name)  # explicit: the three would all default to 9100
         env["SPECULUM_METRICS_PORT"] = "off" if metrics_port is None else str(metrics_port)

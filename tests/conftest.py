@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import os
 from collections.abc import Iterator, Sequence
@@ -16,6 +17,7 @@ torch.set_num_threads(2)
 
 from orchestrator.engine import Engine  # noqa: E402
 from orchestrator.prompting import PromptBuilder  # noqa: E402
+from speculum.ports import free_port  # noqa: E402
 from speculum.records import DraftBlock, PromptInputs, VerifyResult  # noqa: E402
 from speculum.rpc.settings import ServerSettings, SessionSettings  # noqa: E402
 from speculum.tiny import TinySpec, build_tiny_model, save_tiny_checkpoint, tiny_tokenizer  # noqa: E402
@@ -164,3 +166,25 @@ def hosted_verifier(engine: Engine, target_dir, drafter_address: str | None,
     drafter = None if drafter_address is None else GrpcDrafter(connect(drafter_address), timeout_s=2)
     decode = PromptBuilder.from_pretrained(target_dir, engine.target.facts).decode
     return verify_server.serve(engine.target, settings, sessions, drafter=drafter, decode=decode)
+
+
+def loop_hosting_drafter(drafter, engine: Engine, target_dir, verifier_address: str | None,
+                         settings: ServerSettings = ServerSettings(port=0, max_workers=4),
+                         sessions: SessionSettings = SessionSettings()):
+    """A draft server whose hosted loops (`Drafter.Generate`) verify with the verify server at
+    `verifier_address` (None: it hosts none)."""
+    from draft_service import server as draft_server
+    from orchestrator.clients import GrpcVerifier, connect
+
+    verifier = None if verifier_address is None else GrpcVerifier(connect(verifier_address), timeout_s=30)
+    decode = PromptBuilder.from_pretrained(target_dir, engine.target.facts).decode
+    return draft_server.serve(drafter, settings, sessions, verifier=verifier,
+                              eos_token_ids=engine.target.facts.eos_token_ids, decode=decode)
+
+
+def paired_services(drafter, engine: Engine, target_dir, settings: ServerSettings,
+                    verify_sessions: SessionSettings, draft_sessions: SessionSettings = SessionSettings()):
+    """(verify server, draft server), each able to host requests' loops with the other."""
+    draft_settings = dataclasses.replace(settings, port=free_port())
+    verifier = hosted_verifier(engine, target_dir, f"127.0.0.1:{draft_settings.port}", settings, verify_sessions)
+    return verifier, loop_hosting_drafter(drafter, engine, target_dir, verifier.address, draft_settings, draft_sessions)

@@ -16,8 +16,7 @@ import pytest
 from prometheus_client import CollectorRegistry
 from prometheus_client.parser import text_string_to_metric_families
 
-from conftest import hosted_verifier, png_bytes
-from draft_service import server as draft_server
+from conftest import paired_services, png_bytes
 from draft_service.ngram import NgramDrafter
 from orchestrator.remote_loop import LoopPlacement
 from orchestrator.serve_app import OrchestratorConfig, SpeculumApp
@@ -76,8 +75,8 @@ def calls_settled(port: int, before: dict, service: str, method: str, expected: 
 @pytest.fixture(scope="module")
 def services(llava_engine, llava_dir):
     with RedisServer() as redis:
-        drafter = draft_server.serve(NgramDrafter(), METERED, SessionSettings())
-        verifier = hosted_verifier(llava_engine, llava_dir, drafter.address, METERED, SessionSettings(max_sessions=8))
+        verifier, drafter = paired_services(NgramDrafter(), llava_engine, llava_dir, METERED,
+                                            SessionSettings(max_sessions=8))
         encoder = encoder_server.serve(llava_dir, METERED, CacheSettings(redis_url=redis.url))
         yield verifier, drafter, encoder
         for server in (verifier, drafter, encoder):
@@ -94,6 +93,9 @@ def app(services, llava_dir, request):
     app.metrics.close()
 
 
+IMAGE_SEEDS = {LoopPlacement.VERIFIER: 31, LoopPlacement.DRAFTER: 33, LoopPlacement.ORCHESTRATOR: 32}
+
+
 def generate(app: SpeculumApp, prompt: str, images=(), max_new: int = 12) -> speculum_pb2.GenerateResponse:
     request = speculum_pb2.GenerateRequest(
         prompt=prompt, images=list(images), sampling=common_pb2.SamplingParams(max_new_tokens=max_new)
@@ -105,8 +107,8 @@ def test_a_request_moves_every_services_counters(services, app):
     verifier, drafter, encoder = services
     before = {name: scrape(s.metrics.port) for name, s in zip(("verify", "draft", "encoder"), services)}
     before_app = scrape(app.metrics.port)
-    hosted = app.engine.loop_host is not None
-    image = png_bytes(31 if hosted else 32)  # new to the shared encoder cache in each placement
+    at = app.engine.loop_host.at if app.engine.loop_host is not None else LoopPlacement.ORCHESTRATOR
+    image = png_bytes(IMAGE_SEEDS[at])  # new to the shared encoder cache in each placement
 
     first = generate(app, "Describe the image.", [image])
     second = generate(app, "What is in it?", [image])
@@ -116,7 +118,7 @@ def test_a_request_moves_every_services_counters(services, app):
     draft = settled(drafter.metrics.port, "speculum_sessions_live", 0)
     enc = scrape(encoder.metrics.port)
     rounds = first.speculation.target_forwards + second.speculation.target_forwards
-    if hosted:  # the verifier: one Generate stream per request, all OK (counted once the stream ends)
+    if at is LoopPlacement.VERIFIER:  # one Generate stream per request, all OK (counted once the stream ends)
         verify = calls_settled(verifier.metrics.port, before["verify"], "speculum.v1.Verifier", "Generate", 2)
         assert handled(verify, "speculum.v1.Verifier", "Generate", "OK") - handled(
             before["verify"], "speculum.v1.Verifier", "Generate", "OK") == 2
@@ -138,10 +140,12 @@ def test_a_request_moves_every_services_counters(services, app):
         assert value(verify, metric) - value(before["verify"], metric) == delta, metric
     assert value(verify, "speculum_prefix_cache_reused_tokens_total") > value(
         before["verify"], "speculum_prefix_cache_reused_tokens_total")
-    # the drafter: one DraftRounds stream per draft session (it ends just after the session closes)
-    draft = calls_settled(drafter.metrics.port, before["draft"], "speculum.v1.Drafter", "DraftRounds", 2)
-    assert handled(draft, "speculum.v1.Drafter", "DraftRounds", "OK") - handled(
-        before["draft"], "speculum.v1.Drafter", "DraftRounds", "OK") == 2
+    # the drafter: one Generate stream per request when it hosts the loops, else one DraftRounds
+    # stream per draft session (it ends just after the session closes)
+    method = "Generate" if at is LoopPlacement.DRAFTER else "DraftRounds"
+    draft = calls_settled(drafter.metrics.port, before["draft"], "speculum.v1.Drafter", method, 2)
+    assert handled(draft, "speculum.v1.Drafter", method, "OK") - handled(
+        before["draft"], "speculum.v1.Drafter", method, "OK") == 2
     assert value(draft, "speculum_sessions_live") == 0
     # the encoder: a miss, then a hit on the same image
     assert value(enc, "speculum_image_cache_misses_total") - value(before["encoder"], "speculum_image_cache_misses_total") == 1
@@ -158,7 +162,9 @@ def test_a_request_moves_every_services_counters(services, app):
     assert value(orchestrator, "speculum_mean_accepted_length_sum") - value(
         before_app, "speculum_mean_accepted_length_sum") == pytest.approx(tau_sum, abs=1e-3)
     # round metrics come from where the loop runs
-    looped, looped_before = (verify, before["verify"]) if hosted else (orchestrator, before_app)
+    looped, looped_before = {LoopPlacement.VERIFIER: (verify, before["verify"]),
+                             LoopPlacement.DRAFTER: (draft, before["draft"]),
+                             LoopPlacement.ORCHESTRATOR: (orchestrator, before_app)}[at]
     assert value(looped, "speculum_verify_round_seconds_count") - value(
         looped_before, "speculum_verify_round_seconds_count") == rounds
     assert value(looped, "speculum_draft_round_seconds_count") > value(looped_before, "speculum_draft_round_seconds_count")

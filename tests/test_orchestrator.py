@@ -15,8 +15,7 @@ from pathlib import Path
 import grpc
 import pytest
 
-from conftest import build_prompt, hf_greedy, hosted_verifier, png_bytes
-from draft_service import server as draft_server
+from conftest import build_prompt, hf_greedy, paired_services, png_bytes
 from draft_service.ngram import NgramDrafter
 from orchestrator import ray_runtime
 from orchestrator.remote_loop import LoopPlacement
@@ -67,8 +66,8 @@ def public_port(placement):
 
 @pytest.fixture(scope="module")
 def stack(llava_engine, llava_dir, redis, public_port, placement):
-    drafter = draft_server.serve(NgramDrafter(), SETTINGS, SessionSettings())
-    verifier = hosted_verifier(llava_engine, llava_dir, drafter.address, SETTINGS, SessionSettings(max_sessions=8))
+    verifier, drafter = paired_services(NgramDrafter(), llava_engine, llava_dir, SETTINGS,
+                                        SessionSettings(max_sessions=8))
     encoder = encoder_server.serve(llava_dir, SETTINGS, CacheSettings(redis_url=redis.url))
     port = public_port
     # 8 requests stepped at once (the verifier's 8 sessions) and 2 queued: the overload test goes beyond both.

@@ -133,7 +133,8 @@ def _all_services_reported(spans: list[ReceivedSpan]) -> bool:
 def test_one_trace_per_request_across_all_four_services(traced_stack, receiver):
     traced_stack, placement = traced_stack
     trace_id, parent_id = secrets.token_hex(16), secrets.token_hex(8)
-    image = png_bytes(31 if placement is LoopPlacement.VERIFIER else 32)
+    seeds = {LoopPlacement.VERIFIER: 31, LoopPlacement.DRAFTER: 33, LoopPlacement.ORCHESTRATOR: 32}
+    image = png_bytes(seeds[placement])
     reply = traced_stack.Generate(
         _request(image), metadata=(("traceparent", f"00-{trace_id}-{parent_id}-01"),), timeout=120
     )
@@ -160,16 +161,21 @@ def test_one_trace_per_request_across_all_four_services(traced_stack, receiver):
             node = by_id[node.parent_span_id]
         assert node is generate, (span.service, span.name)
 
-    # One span per verification round: the orchestrator's Verify call, or the hosted loop's local pass.
-    hosted = placement is LoopPlacement.VERIFIER
-    round_span = "speculum.target.verify" if hosted else "speculum.verify.round"
+    # One span per verification round: the loop's Verify call, or the verifier's local pass.
+    beside_target = placement is LoopPlacement.VERIFIER
+    round_span = "speculum.target.verify" if beside_target else "speculum.verify.round"
     rounds = [s for s in spans if s.name == round_span]
     assert len(rounds) == reply.speculation.target_forwards > 0
     assert all("speculum.accepted_tokens" in s.attributes and "speculum.draft_tokens" in s.attributes for s in rounds)
     assert sum(s.attributes["speculum.accepted_tokens"] for s in rounds) >= reply.speculation.accepted_tokens
-    drafts = [s for s in spans if s.name == "speculum.draft.round"]
-    assert drafts and {s.service for s in drafts} == {"verifier" if hosted else "orchestrator"}
-    assert [s for s in spans if s.name == ("speculum.target.prefill" if hosted else "speculum.verify.prefill")]
+    # Draft rounds: the loop's draft client, or the drafter's local proposals when the loop runs there.
+    draft_span = "speculum.drafter.propose" if placement is LoopPlacement.DRAFTER else "speculum.draft.round"
+    loop_service = {LoopPlacement.VERIFIER: "verifier", LoopPlacement.DRAFTER: "drafter",
+                    LoopPlacement.ORCHESTRATOR: "orchestrator"}[placement]
+    drafts = [s for s in spans if s.name == draft_span]
+    assert drafts and {s.service for s in drafts} == {"drafter" if placement is LoopPlacement.DRAFTER else loop_service}
+    assert {s.service for s in spans if s.name == round_span} == {"verifier" if beside_target else loop_service}
+    assert [s for s in spans if s.name == ("speculum.target.prefill" if beside_target else "speculum.verify.prefill")]
     (encode,) = [s for s in spans if s.name == "speculum.encode"]
     assert (encode.attributes["speculum.images"], encode.attributes["speculum.cache_hits"]) == (1, 0)
     lookups = [s for s in spans if s.name == "speculum.cache.lookup"]

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from orchestrator.clients import GrpcDrafter, connect
+from orchestrator.hosting import HostedLoops, serve_stream
 from orchestrator.metered import MeteredDrafter, MeteredVerifier
 from orchestrator.prompting import PromptBuilder
 from orchestrator.protocols import Drafter
@@ -43,7 +44,7 @@ from speculum.v1 import verifier_pb2_grpc
 from speculum.v1.session_pb2 import ReleaseResponse
 from speculum.vlm import VisionLanguageModel
 from verify_service.batching import VerifyBatcher
-from verify_service.hosted import HostedLoops, LocalVerifier, serve_stream
+from verify_service.hosted import LocalVerifier
 from verify_service.target import TargetSession
 
 SERVICE_NAME = "speculum.v1.Verifier"
