@@ -7,6 +7,7 @@ Reports median tokens/s per mode, the pipelined/sequential ratio (target >= 1.3x
 over the target alone (the user's view, target >= 3x), and checks all modes returned the same tokens.
 Also runs K = `--long-draft-length` (sequential, pipelined, adaptive up to it).
 Usage: python -m bench.pipelining [--requests 6] [--max-new-tokens 128] [--draft-length 4] [--long-draft-length 8]
+       [--loop-at verifier|drafter|orchestrator]
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from pathlib import Path
 import grpc
 
 from bench.stack import stack_in_child
+from orchestrator.remote_loop import LoopPlacement
 from orchestrator.engine import GenerateRequest
 from orchestrator.public_api import request_to_proto
 from speculum.config import SamplingParams, SpeculationParams
@@ -56,6 +58,8 @@ def main() -> None:
     parser.add_argument("--draft-length", type=int, default=4)
     parser.add_argument("--long-draft-length", type=int, default=8, help="extra rows with this K (0: none)")
     parser.add_argument("--drafter", default=str(demo_drafter_dir()))
+    parser.add_argument("--loop-at", type=LoopPlacement, default=LoopPlacement.VERIFIER,
+                        help="where requests' loops run (default: the verifier, as `speculum serve`)")
     parser.add_argument("--out", type=Path, default=Path("runs/bench/pipelining.json"))
     args = parser.parse_args()
     samples = sorted((demo_target_dir().parent / "samples").glob("*.png"))
@@ -63,7 +67,8 @@ def main() -> None:
     rates = {name: [] for name in speculations}
     totals = {name: [] for name in speculations}  # (tokens, seconds, rounds, rounds drafted ahead) per request
     same = True
-    with stack_in_child(StackConfig(demo_target_dir(), args.drafter, port=free_port())) as (address, _):
+    config = StackConfig(demo_target_dir(), args.drafter, port=free_port(), loop_at=args.loop_at.value)
+    with stack_in_child(config) as (address, _):
         stub = speculum_pb2_grpc.SpeculumStub(grpc.insecure_channel(address))
         sampling = SamplingParams(max_new_tokens=args.max_new_tokens)
         for i in range(args.requests + 1):  # the first round warms every mode up and is not counted
@@ -86,7 +91,8 @@ def main() -> None:
     overall = {name: sum(r[0] for r in rows) / sum(r[1] for r in rows) for name, rows in totals.items()}
     pipelined_ratio = medians["pipelined"] / medians["sequential"]
     print(f"through the services, greedy, {args.requests} image prompts, max {args.max_new_tokens} new tokens, "
-          f"K = {args.draft_length}, drafter {Path(args.drafter).name}; median tokens/s (whole request), all "
+          f"K = {args.draft_length}, drafter {Path(args.drafter).name}, loops in the {args.loop_at.value}; "
+          f"median tokens/s (whole request), all "
           f"tokens over all seconds, rounds (of them drafted ahead) and ms per round")
     for name, value in medians.items():
         rounds, ahead = (sum(r[i] for r in totals[name]) for i in (2, 3))
@@ -102,7 +108,8 @@ def main() -> None:
         print(f"pipelined / sequential at K={args.long_draft_length}: {long_ratio:.2f}x; best over the target alone: "
               f"{medians[best] / medians['target alone']:.2f}x ({best}; target >= 3x)")
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps({"settings": vars(args) | {"out": str(args.out)}, "median_tokens_per_s": medians,
+    settings = vars(args) | {"out": str(args.out), "loop_at": args.loop_at.value}
+    args.out.write_text(json.dumps({"settings": settings, "median_tokens_per_s": medians,
                                     "pipelined_over_sequential": pipelined_ratio, "identical_answers": same}, indent=2))
 
 

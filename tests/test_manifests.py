@@ -600,12 +600,14 @@ def test_a_wrong_selector_fails_the_cross_checks():
     def edit(docs):
         service = next(d for _, d in docs if d["kind"] == "Service" and d["metadata"]["name"] == "draft")
         service["spec"]["selector"] = {"app.kubernetes.io/name": "drafter"}
-        policy = next(d for _, d in docs if d["kind"] == "NetworkPolicy" and d["metadata"]["name"] == "verify-from-orchestrator")
+        policy = next(d for _, d in docs
+                      if d["kind"] == "NetworkPolicy" and d["metadata"]["name"] == "verify-from-orchestrator-and-draft")
         policy["spec"]["ingress"][0]["from"][0]["podSelector"]["matchLabels"]["app.kubernetes.io/name"] = "orchestrater"
 
     docs = _mutated(edit)
     assert check_service_selectors(docs) == ["Service draft selects 0 Deployments, expected exactly 1"]
-    assert check_network_policies(docs) == ["NetworkPolicy verify-from-orchestrator: a from-podSelector matches no pod"]
+    assert check_network_policies(docs) == [
+        "NetworkPolicy verify-from-orchestrator-and-draft: a from-podSelector matches no pod"]
 
 
 def test_a_misspelt_setting_or_wrong_port_fails_the_cross_checks():
