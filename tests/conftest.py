@@ -188,3 +188,13 @@ def paired_services(drafter, engine: Engine, target_dir, settings: ServerSetting
     draft_settings = dataclasses.replace(settings, port=free_port())
     verifier = hosted_verifier(engine, target_dir, f"127.0.0.1:{draft_settings.port}", settings, verify_sessions)
     return verifier, loop_hosting_drafter(drafter, engine, target_dir, verifier.address, draft_settings, draft_sessions)
+
+
+def sessions_left_after(timeout_s: float, *servers) -> int:
+    """Sessions still open in `servers` (RunningServers) once none is left, or after `timeout_s`."""
+    import time
+
+    deadline = time.monotonic() + timeout_s
+    while (left := sum(len(server.servicer.sessions) for server in servers)) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return left

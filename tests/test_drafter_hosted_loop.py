@@ -16,7 +16,15 @@ import time
 import grpc
 import pytest
 
-from conftest import build_prompt, hf_greedy, hosted_verifier, loop_hosting_drafter, paired_services, png_bytes
+from conftest import (
+    build_prompt,
+    hf_greedy,
+    hosted_verifier,
+    loop_hosting_drafter,
+    paired_services,
+    png_bytes,
+    sessions_left_after,
+)
 from draft_service.ngram import NgramDrafter
 from orchestrator.clients import GrpcDrafter, GrpcVerifier, connect
 from orchestrator.hosting import HostedLoops
@@ -85,10 +93,7 @@ def test_a_closed_stream_releases_both_sessions(llava_engine, pair):
     next(chunks), next(chunks)
     assert len(verifier.servicer.sessions) == 1 and len(drafter.servicer.sessions) == 1
     chunks.close()  # the orchestrator closes it when the client goes away
-    deadline = time.monotonic() + 10
-    while (len(verifier.servicer.sessions) or len(drafter.servicer.sessions)) and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert len(verifier.servicer.sessions) == 0 and len(drafter.servicer.sessions) == 0
+    assert sessions_left_after(10, verifier, drafter) == 0
 
 
 def test_a_draft_service_without_a_verifier_hosts_no_loop(llava_engine, llava_dir):

@@ -15,7 +15,7 @@ import time
 
 import pytest
 
-from conftest import ScriptedDrafter, build_prompt, hf_greedy, hosted_verifier, png_bytes
+from conftest import ScriptedDrafter, build_prompt, hf_greedy, hosted_verifier, png_bytes, sessions_left_after
 from draft_service import server as draft_server
 from draft_service.ngram import NgramDrafter
 from draft_service.vlm_drafter import VlmDrafter
@@ -117,10 +117,7 @@ def test_a_closed_stream_releases_both_sessions(llava_engine, pair):
     next(chunks), next(chunks)
     assert len(verifier.servicer.sessions) == 1 and len(drafter.servicer.sessions) == 1
     chunks.close()  # the orchestrator closes it when the client goes away
-    deadline = time.monotonic() + 10
-    while (len(verifier.servicer.sessions) or len(drafter.servicer.sessions)) and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert len(verifier.servicer.sessions) == 0 and len(drafter.servicer.sessions) == 0
+    assert sessions_left_after(10, verifier, drafter) == 0
 
 
 def test_a_drafter_that_dies_mid_request_only_costs_speed(llava_engine, llava_dir, small_llava_drafter_model,
