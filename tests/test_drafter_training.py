@@ -105,9 +105,9 @@ def test_a_retrained_target_invalidates_cached_features_and_checkpoint(tmp_path,
 
 
 def test_lookahead_weight_trains_other_weights_and_reports_pipelined_tau(tmp_path, llava_dir):
-    """--lookahead-weight adds the look-ahead term (same data and seed, other weights); with a draft
-    length within semi-AR k the evaluation also simulates the pipelined loop (whose look-aheads are
-    tested with a fitted drafter in test_lookahead_training)."""
+    """--lookahead-weight adds the look-ahead term (same data and seed, other weights); for a semi-AR
+    drafter the evaluation also simulates the pipelined loop (whose look-aheads are tested with a
+    fitted drafter in test_lookahead_training)."""
     runs = {}
     for weight in ("0", "1.0"):
         runs[weight] = main(["--target", str(llava_dir), "--out", str(tmp_path / f"drafter{weight}"),

@@ -167,19 +167,25 @@ def test_the_metered_wrappers_of_the_serve_replica_pass_the_look_ahead_through(l
     assert chunks[-1].stats.drafted_ahead == chunks[-1].stats.target_forwards - 1
 
 
+@pytest.mark.parametrize("draft_length", [2, 5])
 @pytest.mark.parametrize("with_image", [True, False])
-def test_pipelined_greedy_equals_the_target_with_branching_look_aheads(llava_dir, llava_engine, with_image):
-    """K = the drafter's k: its look-aheads then cover rejections and two bonus guesses."""
+def test_pipelined_greedy_equals_the_target_with_branching_look_aheads(llava_dir, llava_engine, with_image,
+                                                                         draft_length):
+    """Look-aheads cover rejections and two bonus guesses, for blocks of the drafter's k (2) and longer."""
     prompt = build_prompt(llava_engine, "Describe the image in detail.", [png_bytes(6)] if with_image else [])
     reference = hf_greedy(llava_engine.target, prompt, MAX_NEW)
     tokens, _ = run(llava_engine, prompt, feature_drafter(llava_dir, llava_engine),
-                    SpeculationParams(num_draft_tokens=2, pipelined=True))
+                    SpeculationParams(num_draft_tokens=draft_length, pipelined=True))
     assert tokens == reference
 
 
-def test_each_branch_of_a_look_ahead_is_what_the_drafter_drafts_after_that_outcome(llava_dir, llava_engine):
+@pytest.mark.parametrize("length", [2, 4, 5])
+def test_each_branch_of_a_look_ahead_is_what_the_drafter_drafts_after_that_outcome(llava_dir, llava_engine, length):
     """The look-ahead's tree forwards give, for every outcome it covers, the block a chain forward
-    over the same rows gives; alternatives differ from the block's tokens, the guesses from each other."""
+    over the same rows gives; alternatives differ from the block's tokens, the guesses from each other.
+    A block longer than the drafter's k (4, 5 > 2) is fed k rows per forward, as a chain feeds it. The
+    guesses are fed from the block's last row; a chain feeds them so only when k divides the block's
+    length (else with its last group's features, predicted from further back)."""
     import torch
 
     from draft_service.feature.session import run_plan
@@ -190,21 +196,21 @@ def test_each_branch_of_a_look_ahead_is_what_the_drafter_drafts_after_that_outco
     first = llava_engine.verifier.open(sampling, return_features=True).prefill(prompt)
     session = drafter.open(sampling)
     session.prefill(prompt, first)
-    block = join_pieces(list(session.propose(2)))
-    ahead = join_pieces(list(session.propose(3, block.tokens)))  # the guess, then 2 tokens
+    block = join_pieces(list(session.propose(length)))
+    ahead = join_pieces(list(session.propose(6, block.tokens)))  # the guess, then 5 tokens (3 forwards of k)
 
-    def chain_after(assumed):
+    def chain_after(assumed, tokens):
         with torch.inference_mode():
-            return join_pieces(list(run_plan(session.plan(2, assumed), session.model, session.cache))).tokens
+            return join_pieces(list(run_plan(session.plan(tokens, assumed), session.model, session.cache))).tokens
 
     guesses = [ahead.tokens[i] for i, parent in enumerate(ahead.parents) if parent < 0]
     assert len(guesses) == 2 and guesses[0] != guesses[1]
-    for guess in guesses:
-        assert _after_guess(ahead, guess).tokens == chain_after((*block.tokens, guess))
-    assert [branch.accepted for branch in ahead.branches] == [0, 1]
-    for branch in ahead.branches:
+    for guess in guesses if length % 2 == 0 else ():
+        assert _after_guess(ahead, guess).tokens == chain_after((*block.tokens, guess), 5)
+    assert [branch.accepted for branch in ahead.branches] == list(range(length))
+    for branch in ahead.branches:  # a branch: as many tokens after the alternative
         assert branch.token != block.tokens[branch.accepted] and not branch.block.branches
-        assert branch.block.tokens == chain_after((*block.tokens[: branch.accepted], branch.token))
+        assert branch.block.tokens == chain_after((*block.tokens[: branch.accepted], branch.token), 5)
 
 
 def test_a_rejection_keeps_the_branch_of_the_settled_tokens_only():

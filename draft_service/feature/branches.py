@@ -1,4 +1,4 @@
-"""A look-ahead that covers the likely outcomes of the block under verification, in two forwards.
+"""A look-ahead that covers the likely outcomes of the block under verification, in a few forwards.
 
 Pipelined mode drafts the next block while the verifier checks block b (m tokens). A look-ahead that
 assumes b is accepted in full is kept in only about half the rounds; yet when b is rejected at j,
@@ -8,10 +8,13 @@ the demo pair's descriptions). So the look-ahead drafts for every outcome it can
   block is a tree whose roots are g1 and g2, each with the block after it below;
 - rejected at j < m with the drafter's best alternative c_j (a token other than b[j]): a Branch.
 
-Forward A feeds the rows of b and of every c_j with tree attention (c_j sees b[:j] and itself);
-forward B feeds g1 and g2 after all of b. Each row's semi-AR features give the k tokens after it,
-so a branch's block has at most k tokens. Rows fed here are speculative: the next `advance` cuts
-them off. Which block is kept depends only on the verifier's settled tokens, so verification stays
+Forward A feeds the rows of b and of every c_j with tree attention (c_j sees b[:j] and itself), k
+rows of b per forward (a block longer than k takes the features of its later rows from b[k - 1]'s
+row); forward B feeds g1 and g2 after all of b. Each row's semi-AR features give the k tokens after
+it; the chains below the guesses and the alternatives then go on together, k tokens per forward,
+to the length asked for. Only rows whose outputs are read run their queries and MLP; the others
+only join the cache. Rows fed here are speculative: the next `advance` cuts them off.
+Which block is kept depends only on the verifier's settled tokens, so verification stays
 exact; a wrong guess only costs the look-ahead.
 """
 
@@ -24,45 +27,99 @@ import torch
 
 from draft_service.feature.layer import LayerCache
 from draft_service.feature.model import FeatureDraftModel
-from speculum.records import Branch, DraftBlock
+from speculum.records import Branch, DraftBlock, join_pieces
 
 Choose = Callable[[torch.Tensor], DraftBlock]  # logits [n, V] -> a block of n tokens (greedy or sampled)
 
 
 def branching_lookahead(model: FeatureDraftModel, cache: LayerCache, features: torch.Tensor,
                         assume: Sequence[int], max_tokens: int, choose: Choose) -> DraftBlock:
-    """features [k, D]: predicted after the cache's last (real) row; `assume` (m <= k tokens) is the
-    block under verification; `max_tokens` counts the bonus guess, as in a chain look-ahead."""
+    """features [k, D]: predicted after the cache's last (real) row; `assume` (m tokens) is the block
+    under verification; `max_tokens` counts the bonus guess, as in a chain look-ahead."""
     k, m = features.shape[0], len(assume)
-    assert 0 < m <= k and max_tokens > 1, (m, k, max_tokens)
-    width = min(k, max_tokens - 1)
+    assert 0 < m and max_tokens > 1, (m, max_tokens)
     real = cache.length
-    alternatives = [_best_other(row, token) for row, token in zip(model.logits(features[:m]), assume)]
-    # forward A: the rows of b (a chain) and of each alternative c_j (beside b[j])
-    tokens = torch.tensor([*assume, *alternatives])
-    rows = model.fuse(model.embed(tokens), torch.cat([features[:m], features[:m]]))
-    visible = torch.zeros(2 * m, real + 2 * m, dtype=torch.bool)
-    visible[:, :real] = True
-    for j in range(m):
-        visible[j, real : real + j + 1] = True  # b[j] sees b[:j+1]
-        visible[m + j, real : real + j] = True  # c_j sees b[:j] ...
-        visible[m + j, real + m + j] = True  # ... and itself
-    positions = torch.tensor([[*range(real, real + m), *range(real, real + m)]])
-    out = model(rows[None], cache, visible[None, None], positions)[0]  # [2m, k, D]
-    after_block = out[m - 1, 0]  # predicts the bonus token
+    block_rows: list[int] = []  # cache rows of b, fed so far
+    alternative_out, alternatives, alternative_rows = [], [], []
+    # forward A, k rows of b per forward (the features of b[k:] come from b[k - 1]'s row): the rows of b
+    # (a chain) and of each alternative c_j beside b[j]
+    for start in range(0, m, k):
+        chunk = list(assume[start : start + k])
+        n, base = len(chunk), cache.length
+        chosen = [_best_other(row, token) for row, token in zip(model.logits(features[:n]), chunk)]
+        rows = model.fuse(model.embed(torch.tensor([*chunk, *chosen])), torch.cat([features[:n], features[:n]]))
+        visible = torch.zeros(2 * n, base + 2 * n, dtype=torch.bool)
+        visible[:, :real] = True
+        visible[:, block_rows] = True  # b[:start]
+        for j in range(n):
+            visible[j, base : base + j + 1] = True  # b[start + j] sees b[:start + j + 1]
+            visible[n + j, base : base + j] = True  # c sees b[:start + j] ...
+            visible[n + j, base + n + j] = True  # ... and itself
+        positions = torch.tensor([[*range(real + start, real + start + n)] * 2])
+        # outputs of b's last row and of the alternatives' rows: the other rows only join the cache
+        out = model(rows[None], cache, visible[None, None], positions, only=torch.arange(n - 1, 2 * n))[0]
+        block_rows += range(base, base + n)
+        alternative_rows += range(base + n, base + 2 * n)
+        alternative_out.append(out[1:])  # [n, k, D]
+        alternatives += chosen
+        features = out[0]  # predicted after b[start + n - 1]
+    after_block = features[0]  # predicts the bonus token
     bonus_logits = model.logits(after_block)
     first = int(bonus_logits.argmax())
     guesses = [first, _best_other(bonus_logits, first)]
     # forward B: the two guesses after the whole of b
     rows = model.fuse(model.embed(torch.tensor(guesses)), after_block.expand(2, -1))
-    visible = torch.zeros(2, real + 2 * m + 2, dtype=torch.bool)
-    visible[:, : real + m] = True
-    visible[0, real + 2 * m] = visible[1, real + 2 * m + 1] = True
+    base = cache.length
+    visible = torch.zeros(2, base + 2, dtype=torch.bool)
+    visible[:, :real] = True
+    visible[:, block_rows] = True
+    visible[0, base] = visible[1, base + 1] = True
     guessed = model(rows[None], cache, visible[None, None], torch.full((1, 2), real + m))[0]  # [2, k, D]
-    main = _rooted(guesses, [choose(logits) for logits in model.logits(guessed[:, :width])], bonus_logits)
-    after_alternatives = model.logits(out[m:, :width])  # [m, width, V]
-    branches = tuple(Branch(j, alternatives[j], choose(after_alternatives[j])) for j in range(m))
+    # the chains below the guesses (which see all of b) and below the alternatives (c_j sees b[:j]),
+    # drafted together
+    seen = [[*block_rows, base], [*block_rows, base + 1], *([*block_rows[:j], alternative_rows[j]] for j in range(m))]
+    positions = [real + m + 1] * 2 + [real + j + 1 for j in range(m)]
+    chains = _chains_below(model, cache, torch.cat([guessed, *alternative_out]), real, seen, positions,
+                           max_tokens - 1, choose)
+    main = _rooted(guesses, chains[:2], bonus_logits)
+    branches = tuple(Branch(j, alternatives[j], chains[2 + j]) for j in range(m))
     return dataclasses.replace(main, branches=branches)
+
+
+def _chains_below(model: FeatureDraftModel, cache: LayerCache, after: torch.Tensor, real: int,
+                  seen: list[list[int]], positions: list[int], length: int, choose: Choose) -> list[DraftBlock]:
+    """A chain of `length` tokens below each of R roots, k per forward (all roots' rows in one
+    forward, as a chain feeds them). after [R, k, D]: the features predicted after each root's row;
+    seen[r]: the cache rows root r sees beyond the real ones (itself included); positions[r]: the
+    position of its first token."""
+    k = after.shape[1]
+    roots = len(seen)
+    pieces: list[list[DraftBlock]] = [[] for _ in range(roots)]
+    seen = [list(rows) for rows in seen]
+    drafted = 0
+    while True:
+        width = min(k, length - drafted)
+        blocks = [choose(logits) for logits in model.logits(after[:, :width])]
+        for chain, block in zip(pieces, blocks):
+            chain.append(block)
+        drafted += width
+        if drafted >= length:
+            return [join_pieces(chain) for chain in pieces]
+        # the drafted tokens with the features they were predicted from are the next rows
+        tokens = torch.tensor([t for block in blocks for t in block.tokens])
+        rows = model.fuse(model.embed(tokens), after[:, :width].reshape(roots * width, -1))
+        base = cache.length
+        visible = torch.zeros(roots * width, base + roots * width, dtype=torch.bool)
+        visible[:, :real] = True
+        for r in range(roots):
+            own = range(base + r * width, base + (r + 1) * width)
+            for t in range(width):
+                visible[r * width + t, seen[r]] = True
+                visible[r * width + t, own[0] : own[t] + 1] = True
+            seen[r] += own
+        at = torch.tensor([[p + drafted - width + t for p in positions for t in range(width)]])
+        last = torch.arange(1, roots + 1) * width - 1
+        after = model(rows[None], cache, visible[None, None], at, only=last)[0]  # [R, k, D]: after each chain
 
 
 def _best_other(logits: torch.Tensor, token: int) -> int:

@@ -150,10 +150,12 @@ class Attention(nn.Module):
         self.qkv = FusedWeight(self.q_proj, self.k_proj, self.v_proj)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: LayerCache | None,
-                mask: torch.Tensor | None, causal: bool, last_only: bool = False) -> torch.Tensor:
-        """x: [B, T, D] -> [B, T, D] ([B, 1, D]: the last row's output alone with `last_only`).
-        mask: bool [B or 1, 1, T, S + T] (True = visible) or None; `causal` applies SDPA's own causal
-        mask (only without a mask and without cached rows)."""
+                mask: torch.Tensor | None, causal: bool, last_only: bool = False,
+                only: torch.Tensor | None = None) -> torch.Tensor:
+        """x: [B, T, D] -> [B, T, D] ([B, 1, D]: the last row's output alone with `last_only`; [B, R, D]:
+        rows `only` alone, R indices, with a `mask`). mask: bool [B or 1, 1, T, S + T] (True =
+        visible) or None; `causal` applies SDPA's own causal mask (only without a mask and without
+        cached rows)."""
         batch, length, _ = x.shape
         heads, kv_heads = self.num_heads, self.num_kv_heads
         qkv = F.linear(x, self.qkv.get()).view(batch, length, heads + 2 * kv_heads, self.head_dim).transpose(1, 2)
@@ -161,6 +163,8 @@ class Attention(nn.Module):
         query, key, value = query_key[:, :heads], query_key[:, heads:], qkv[:, heads + kv_heads :]
         if last_only:  # every row's key and value, but only the last row's query: it sees all rows
             query, length, causal = query[:, :, -1:], 1, False
+        elif only is not None:  # every row's key and value, the queries of rows `only`
+            query, length, mask = query[:, :, only], len(only), mask[:, :, only]
         if cache is not None:
             key, value = cache.append(key, value)
         out = F.scaled_dot_product_attention(query, key, value, attn_mask=mask, is_causal=causal,
@@ -194,22 +198,26 @@ class DecoderLayer(nn.Module):
         self.rotary = RotaryTable(self.self_attn.head_dim, config.rope_theta, config.max_positions)
 
     def forward(self, x: torch.Tensor, cache: LayerCache | None = None, mask: torch.Tensor | None = None,
-                positions: torch.Tensor | None = None, last_only: bool = False) -> torch.Tensor:
+                positions: torch.Tensor | None = None, last_only: bool = False,
+                only: torch.Tensor | None = None) -> torch.Tensor:
         """x: [B, T, D] rows after the cache's (B = 1 with a cache) -> [B, T, D], or [B, 1, D] for the
         last row alone with `last_only` (the other rows then only add their keys and values: with
-        one layer their outputs feed nothing, so their queries, attention and MLP are skipped).
+        one layer their outputs feed nothing, so their queries, attention and MLP are skipped), or
+        [B, R, D] for the rows `only` (R indices) of a tree given by `mask`.
 
         Without `mask` the rows are causal after the cached ones; with it (a candidate tree) `mask`
         [1, 1, T, S + T] says what each row sees and `positions` [1, T] or [T] gives their positions.
         """
         assert not (last_only and (mask is not None or positions is not None)), "last_only is for causal rows"
+        assert only is None or mask is not None, "only is for trees"
         cached = 0 if cache is None else cache.length
         length = x.shape[1]
         cos, sin = self.rotary.lookup(cached, length, positions)
         causal = mask is None and cached == 0 and length > 1
         if mask is None and cached and length > 1 and not last_only:  # new rows after cached ones: causal, offset
             mask = torch.ones(length, cached + length, dtype=torch.bool).tril_(cached)
-        h = (x[:, -1:] if last_only else x) + self.self_attn(x, cos, sin, cache, mask, causal, last_only)
+        kept = x[:, -1:] if last_only else x if only is None else x[:, only]
+        h = kept + self.self_attn(x, cos, sin, cache, mask, causal, last_only, only)
         return h + self.mlp(self.post_attention_layernorm(h))
 
     def forward_last_many(self, xs: list[torch.Tensor], caches: list[LayerCache]) -> torch.Tensor:

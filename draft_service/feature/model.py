@@ -56,16 +56,18 @@ class FeatureDraftModel(nn.Module):
         attention_mask: torch.Tensor | None = None,
         positions: torch.Tensor | None = None,
         last_only: bool = False,
+        only: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """inputs: [B, T, D] rows after the cache's -> features [B, T, k, D] for offsets 0..k-1
-        ([B, k, D] of the last row alone with `last_only`: what drafting after a block needs).
+        ([B, k, D] of the last row alone with `last_only`: what drafting after a block needs;
+        [B, R, k, D] of the tree rows `only` alone, R indices: every row still joins the cache).
 
         With a cache the rows are appended to it (B = 1); without one, a whole right-padded batch runs
         causally (padding rows come after the real ones, so real rows never see them). A candidate
         tree gives its own `attention_mask` [1, 1, T, S + T] (bool) and `positions` [1, T].
         """
         assert inputs.dim() == 3 and inputs.shape[-1] == self.config.hidden_size, inputs.shape
-        out = self.layer(inputs, cache, attention_mask, positions, last_only)
+        out = self.layer(inputs, cache, attention_mask, positions, last_only, only)
         if last_only:
             out = out[:, 0]
         return out.unsqueeze(-2) if self.semi_ar is None else self.semi_ar(out)

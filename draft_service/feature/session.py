@@ -86,11 +86,9 @@ class FeatureDraftSession:
 
     @torch.inference_mode()
     def propose(self, max_tokens: int, assume: Sequence[int] = ()) -> Iterator[DraftBlock]:
-        if assume and self.tree_shape is None and max_tokens > 1:
-            features = self.sync()
-            if len(assume) <= len(features):  # a look-ahead: cover the block's likely outcomes
-                yield branching_lookahead(self.model, self.cache, features, assume, max_tokens, self._choose)
-                return
+        if assume and self.tree_shape is None and max_tokens > 1:  # a look-ahead: cover the likely outcomes
+            yield branching_lookahead(self.model, self.cache, self.sync(), assume, max_tokens, self._choose)
+            return
         yield from run_plan(self.plan(max_tokens, assume), self.model, self.cache)
 
     def plan(self, max_tokens: int, assume: Sequence[int] = ()) -> Plan:

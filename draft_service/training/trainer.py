@@ -72,8 +72,8 @@ def evaluate(model: FeatureDraftModel, facts: ModelFacts, pools: FeaturePools, k
     drafter = FeatureDrafter(model.eval(), facts)
     image = simulated_tau(drafter, pools.eval_image, k) if pools.eval_image else None
     text = simulated_tau(drafter, pools.eval_text, k) if pools.eval_text else None
-    # Look-aheads branch only for blocks of at most semi-AR k tokens (draft_service.feature.branches).
-    ahead = model.config.semi_ar_k > 1 and k <= model.config.semi_ar_k
+    # Look-aheads branch for a semi-AR drafter (draft_service.feature.branches).
+    ahead = model.config.semi_ar_k > 1
     image_ahead = simulated_pipelined_tau(drafter, pools.eval_image, k) if ahead and pools.eval_image else None
     text_ahead = simulated_pipelined_tau(drafter, pools.eval_text, k) if ahead and pools.eval_text else None
     model.train(was_training)
