@@ -12,6 +12,7 @@ import grpc
 import pytest
 
 from conftest import ScriptedDrafter, build_prompt, hf_greedy, png_bytes
+from draft_service.feature.branches import MAX_BRANCHES, _likely_rejections
 from draft_service.ngram import NgramDrafter
 from draft_service.vlm_drafter import VlmDrafter
 from orchestrator.lookahead import _after_guess, _cut
@@ -207,10 +208,27 @@ def test_each_branch_of_a_look_ahead_is_what_the_drafter_drafts_after_that_outco
     assert len(guesses) == 2 and guesses[0] != guesses[1]
     for guess in guesses if length % 2 == 0 else ():
         assert _after_guess(ahead, guess).tokens == chain_after((*block.tokens, guess), 5)
-    assert [branch.accepted for branch in ahead.branches] == list(range(length))
+    at = [branch.accepted for branch in ahead.branches]
+    assert 0 < len(at) <= MAX_BRANCHES and at == sorted(set(at)) and at[-1] < length
     for branch in ahead.branches:  # a branch: as many tokens after the alternative
         assert branch.token != block.tokens[branch.accepted] and not branch.block.branches
         assert branch.block.tokens == chain_after((*block.tokens[: branch.accepted], branch.token), 5)
+
+
+def test_branches_go_where_the_drafter_expects_rejections():
+    """Position j is rejected with probability reach_j * (1 - p_j) by the drafter's own numbers; the
+    likeliest ones get a branch (at most `room`, each at least MIN_REJECTION likely)."""
+    import torch
+
+    vocab = 6
+    sure, unsure = torch.full((vocab,), -9.0), torch.zeros(vocab)
+    sure[1] = 9.0  # p(1) ~ 1: nothing to branch for
+    unsure[2], unsure[4] = 2.0, 1.5  # p(2) ~ 0.5: a likely rejection, whose best alternative is 4
+    logits = torch.stack([sure, unsure, sure, unsure])
+    chosen, reach = _likely_rejections(logits, [1, 2, 1, 2], start=4, reach=1.0, room=3)
+    assert chosen == [(5, 4), (7, 4)] and 0.2 < reach < 0.35
+    assert _likely_rejections(logits, [1, 2, 1, 2], 4, 1.0, room=1)[0] == [(5, 4)]  # the likelier one
+    assert _likely_rejections(logits, [1, 2, 1, 2], 4, reach=0.05, room=3)[0] == []  # too unlikely to get there
 
 
 def test_a_rejection_keeps_the_branch_of_the_settled_tokens_only():
