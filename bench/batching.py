@@ -7,7 +7,7 @@ prompts from the shipped samples). Reports aggregate tokens/s, p50/p99 request l
 mode's ratio to the unbatched one (target >= 2x at 16 streams) and checks that every mode returned
 the same tokens.
 Usage: python -m bench.batching [--streams 16] [--requests-per-stream 3] [--window-ms 4]
-[--loop-at verifier|orchestrator]
+[--loop-at drafter|verifier|orchestrator]
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ from bench.services import LOOP_PART, round_breakdown, scrape
 from bench.stack import stack_in_child
 from orchestrator.engine import GenerateRequest
 from orchestrator.public_api import request_to_proto
-from orchestrator.remote_loop import LoopPlacement
+from orchestrator.remote_loop import DEFAULT_LOOP_AT, LoopPlacement
 from speculum.config import SamplingParams, SpeculationParams
 from speculum.launcher import StackConfig
 from speculum.paths import demo_drafter_dir, demo_target_dir
@@ -121,8 +121,8 @@ def main() -> None:
     parser.add_argument("--max-new-tokens", type=int, default=96)
     parser.add_argument("--window-ms", type=float, default=4.0)
     parser.add_argument("--drafter", default=str(demo_drafter_dir()))
-    parser.add_argument("--loop-at", type=LoopPlacement, default=LoopPlacement.VERIFIER,
-                        help="where the stack runs requests' loops (default: the verifier)")
+    parser.add_argument("--loop-at", type=LoopPlacement, default=DEFAULT_LOOP_AT,
+                        help="where the stack runs requests' loops (default: as `speculum serve`)")
     parser.add_argument("--pipelined", action=argparse.BooleanOptionalAction, default=None,
                         help="the requests' speculation.pipelined (default: unset, the server's faster mode)")
     parser.add_argument("--out", type=Path, default=Path("runs/bench/batching.json"))

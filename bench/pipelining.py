@@ -7,7 +7,7 @@ Reports median tokens/s per mode, the pipelined/sequential ratio (target >= 1.3x
 over the target alone (the user's view, target >= 3x), and checks all modes returned the same tokens.
 Also runs K = `--long-draft-length` (sequential, pipelined, adaptive up to it).
 Usage: python -m bench.pipelining [--requests 6] [--max-new-tokens 128] [--draft-length 4] [--long-draft-length 8]
-       [--loop-at verifier|drafter|orchestrator]
+       [--loop-at drafter|verifier|orchestrator]
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from pathlib import Path
 import grpc
 
 from bench.stack import stack_in_child
-from orchestrator.remote_loop import LoopPlacement
+from orchestrator.remote_loop import DEFAULT_LOOP_AT, LoopPlacement
 from orchestrator.engine import GenerateRequest
 from orchestrator.public_api import request_to_proto
 from speculum.config import SamplingParams, SpeculationParams
@@ -58,8 +58,8 @@ def main() -> None:
     parser.add_argument("--draft-length", type=int, default=4)
     parser.add_argument("--long-draft-length", type=int, default=8, help="extra rows with this K (0: none)")
     parser.add_argument("--drafter", default=str(demo_drafter_dir()))
-    parser.add_argument("--loop-at", type=LoopPlacement, default=LoopPlacement.VERIFIER,
-                        help="where requests' loops run (default: the verifier, as `speculum serve`)")
+    parser.add_argument("--loop-at", type=LoopPlacement, default=DEFAULT_LOOP_AT,
+                        help="where requests' loops run (default: as `speculum serve`)")
     parser.add_argument("--out", type=Path, default=Path("runs/bench/pipelining.json"))
     args = parser.parse_args()
     samples = sorted((demo_target_dir().parent / "samples").glob("*.png"))

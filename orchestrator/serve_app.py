@@ -35,7 +35,7 @@ from orchestrator.metered import MeteredDrafter, MeteredVerifier
 from orchestrator.prompting import PromptBuilder
 from orchestrator.public_api import chunk_to_proto, request_from_proto
 from orchestrator.hosting import HostedLoops
-from orchestrator.remote_loop import GrpcLoopHost, LoopPlacement
+from orchestrator.remote_loop import DEFAULT_LOOP_AT, GrpcLoopHost, LoopPlacement
 from speculum.errors import SpeculumError, Unauthenticated
 from speculum.metrics import RoundMetrics, RpcMetrics, SpecMetrics, export, new_registry
 from speculum.model_facts import ModelFacts
@@ -80,7 +80,7 @@ class OrchestratorConfig:
     api_token: str | None = None
     clients: ClientSettings = ClientSettings()
     metrics: MetricsSettings = MetricsSettings()
-    loop_at: LoopPlacement = LoopPlacement.VERIFIER
+    loop_at: LoopPlacement = DEFAULT_LOOP_AT
 
 
 class SpeculumApp:

@@ -6,7 +6,7 @@ SPECULUM_DRAFT_ADDRESS (empty: no speculation), SPECULUM_ENCODER_ADDRESS, SPECUL
 a pod), SPECULUM_ORCHESTRATOR_REPLICAS (1), SPECULUM_API_TOKEN (unset: no bearer-token check),
 SPECULUM_TLS_CA (TLS towards the services), SPECULUM_DRAFT_ROUND_DEADLINE_S (1.0),
 SPECULUM_METRICS_PORT (9100; replica i on a node serves 9100 + i; `off`: no exporter),
-SPECULUM_LOOP_AT (`verifier`, the default: the verify service runs requests' loops; `drafter`; `orchestrator`).
+SPECULUM_LOOP_AT (`drafter`, the default: the draft service runs requests' loops; `verifier`; `orchestrator`).
 Runs until SIGTERM, then shuts Ray Serve down.
 """
 
@@ -20,7 +20,7 @@ import threading
 from pathlib import Path
 
 from orchestrator import ray_runtime
-from orchestrator.remote_loop import LoopPlacement
+from orchestrator.remote_loop import DEFAULT_LOOP_AT, LoopPlacement
 from orchestrator.serve_app import OrchestratorConfig
 from speculum.logs import setup_logging
 from speculum.rpc.settings import ClientSettings, MetricsSettings
@@ -38,7 +38,7 @@ def config_from_env() -> tuple[OrchestratorConfig, ray_runtime.RayServeSettings]
         clients=ClientSettings.from_env(),
         # Prometheus must reach the pod IP: the exporter binds where Serve's HTTP proxy does.
         metrics=MetricsSettings.from_env(env.get("SPECULUM_HTTP_HOST", "127.0.0.1")),
-        loop_at=LoopPlacement(env.get("SPECULUM_LOOP_AT", LoopPlacement.VERIFIER.value)),
+        loop_at=LoopPlacement(env.get("SPECULUM_LOOP_AT", DEFAULT_LOOP_AT.value)),
     )
     settings = ray_runtime.RayServeSettings(
         grpc_port=int(env.get("SPECULUM_PUBLIC_PORT", "50051")),
