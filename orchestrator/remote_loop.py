@@ -270,3 +270,17 @@ class GrpcLoopHost:
         )
         through = dataclasses.replace(prompt, token_ids=prompt.token_ids + tuple(emitted))
         return LoopRequest(through, resumed, speculation, tuple(emitted), final_only)
+
+
+class SpeculationRouted:
+    """Loops of speculating requests on `speculating`, the others (speculation off: the target alone)
+    on `plain`, beside the target, so that they pay no round trip to a drafter per token."""
+
+    def __init__(self, speculating: GrpcLoopHost, plain: GrpcLoopHost):
+        self.speculating = speculating
+        self.plain = plain
+
+    def stream(self, prompt: PromptInputs, sampling: SamplingParams, speculation: SpeculationParams,
+               started: float, each_round: bool = True) -> ChunkStream:
+        host = self.speculating if speculation.enabled else self.plain
+        return host.stream(prompt, sampling, speculation, started, each_round)

@@ -35,7 +35,7 @@ from orchestrator.metered import MeteredDrafter, MeteredVerifier
 from orchestrator.prompting import PromptBuilder
 from orchestrator.public_api import chunk_to_proto, request_from_proto
 from orchestrator.hosting import HostedLoops
-from orchestrator.remote_loop import DEFAULT_LOOP_AT, GrpcLoopHost, LoopPlacement
+from orchestrator.remote_loop import DEFAULT_LOOP_AT, GrpcLoopHost, LoopPlacement, SpeculationRouted
 from speculum.errors import SpeculumError, Unauthenticated
 from speculum.metrics import RoundMetrics, RpcMetrics, SpecMetrics, export, new_registry
 from speculum.model_facts import ModelFacts
@@ -65,7 +65,8 @@ class OrchestratorConfig:
         drafts with its own draft-service client (its SPECULUM_DRAFT_ADDRESS); `draft_address` is
         then unused here. DRAFTER: the draft service runs each loop with its verify-service client (its
         SPECULUM_VERIFY_ADDRESS); a request whose stream the drafter loses goes on here, over clients of
-        both services. ORCHESTRATOR: this replica runs them over clients of both services.
+        both services; a request with speculation off runs beside the target (no drafter to talk to).
+        ORCHESTRATOR: this replica runs them over clients of both services.
     metrics: the replica's Prometheus exporter (off by default; replica i on a node takes port + i)."""
 
     target_dir: str
@@ -116,7 +117,10 @@ class SpeculumApp:
                 )
             if config.loop_at is LoopPlacement.DRAFTER and config.draft_address:
                 here = HostedLoops(verifier, drafter, facts.eos_token_ids, prompts.decode)
-                host = GrpcLoopHost(channel(config.draft_address), at=LoopPlacement.DRAFTER, fallback=here)
+                host = SpeculationRouted(
+                    GrpcLoopHost(channel(config.draft_address), at=LoopPlacement.DRAFTER, fallback=here),
+                    GrpcLoopHost(channel(config.verify_address)),
+                )
                 self.engine = Engine(facts, prompts, None, None, encoder, loop_host=host)
             else:  # ORCHESTRATOR, or DRAFTER without a drafter: the target alone, here
                 self.engine = Engine(facts, prompts, verifier, drafter, encoder)

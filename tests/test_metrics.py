@@ -18,8 +18,10 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from conftest import paired_services, png_bytes
 from draft_service.ngram import NgramDrafter
-from orchestrator.remote_loop import LoopPlacement
+from orchestrator.engine import GenerateRequest
+from orchestrator.remote_loop import LoopPlacement, SpeculationRouted
 from orchestrator.serve_app import OrchestratorConfig, SpeculumApp
+from speculum.config import SamplingParams
 from speculum.errors import InvalidArgument
 from speculum.local_redis import RedisServer
 from speculum.metrics import SessionCollector, export
@@ -93,13 +95,22 @@ def app(services, llava_dir, request):
     app.metrics.close()
 
 
+def placement_of(app: SpeculumApp) -> LoopPlacement:
+    host = app.engine.loop_host
+    if host is None:
+        return LoopPlacement.ORCHESTRATOR
+    return host.speculating.at if isinstance(host, SpeculationRouted) else host.at
+
+
 IMAGE_SEEDS = {LoopPlacement.VERIFIER: 31, LoopPlacement.DRAFTER: 33, LoopPlacement.ORCHESTRATOR: 32}
 
 
-def generate(app: SpeculumApp, prompt: str, images=(), max_new: int = 12) -> speculum_pb2.GenerateResponse:
+def generate(app: SpeculumApp, prompt: str, images=(), max_new: int = 12, **speculation) -> speculum_pb2.GenerateResponse:
     request = speculum_pb2.GenerateRequest(
         prompt=prompt, images=list(images), sampling=common_pb2.SamplingParams(max_new_tokens=max_new)
     )
+    for name, value in speculation.items():
+        setattr(request.speculation, name, value)
     return asyncio.run(app.Generate(request))
 
 
@@ -107,7 +118,7 @@ def test_a_request_moves_every_services_counters(services, app):
     verifier, drafter, encoder = services
     before = {name: scrape(s.metrics.port) for name, s in zip(("verify", "draft", "encoder"), services)}
     before_app = scrape(app.metrics.port)
-    at = app.engine.loop_host.at if app.engine.loop_host is not None else LoopPlacement.ORCHESTRATOR
+    at = placement_of(app)
     image = png_bytes(IMAGE_SEEDS[at])  # new to the shared encoder cache in each placement
 
     first = generate(app, "Describe the image.", [image])
@@ -172,6 +183,25 @@ def test_a_request_moves_every_services_counters(services, app):
     assert value(orchestrator, "speculum_accepted_tokens_total") - value(before_app, "speculum_accepted_tokens_total") == accepted
     assert value(orchestrator, "speculum_request_image_cache_hits_total") - value(
         before_app, "speculum_request_image_cache_hits_total") == 1
+
+
+def test_a_request_without_speculation_never_calls_the_drafter(services, app, llava_engine):
+    """Wherever speculating loops run, the target alone runs beside the target or in the orchestrator:
+    no drafter call (not even a loop hosted by the draft service) and the target's own answer."""
+    verifier, drafter, _ = services
+    drafter_calls = sum(value for (name, _), value in scrape(drafter.metrics.port).items()
+                        if name == "grpc_server_handled_total")
+    verify_before = scrape(verifier.metrics.port)
+    reply = generate(app, "Tell me a story.", max_new=10, enabled=False)
+    assert reply.speculation.draft_tokens == 0 and reply.speculation.target_forwards == 9
+    reference = llava_engine.generate(GenerateRequest("Tell me a story.", sampling=SamplingParams(max_new_tokens=10)))
+    assert list(reply.token_ids) == list(reference.token_ids)
+    method = "Prefill" if placement_of(app) is LoopPlacement.ORCHESTRATOR else "Generate"
+    verify = calls_settled(verifier.metrics.port, verify_before, "speculum.v1.Verifier", method, 1)
+    assert handled(verify, "speculum.v1.Verifier", method, "OK") - handled(
+        verify_before, "speculum.v1.Verifier", method, "OK") == 1
+    assert sum(value for (name, _), value in scrape(drafter.metrics.port).items()
+               if name == "grpc_server_handled_total") == drafter_calls
 
 
 def test_failed_calls_are_counted_under_their_status(services, app):
