@@ -176,7 +176,8 @@ def _verifier_client(address: str, settings: ServerSettings) -> Verifier | None:
     if not address:
         return None
     clients = ClientSettings.from_env()
-    return GrpcVerifier(connect(address, clients, settings.max_message_bytes), timeout_s=VERIFY_TIMEOUT_S)
+    return GrpcVerifier(connect(address, clients, settings.max_message_bytes), timeout_s=VERIFY_TIMEOUT_S,
+                        rounds_stream=True)
 
 
 def _no_decoder(token_ids: Sequence[int]) -> str:

@@ -13,6 +13,7 @@ its pause is over. Channels use TLS when the settings name a CA.
 from __future__ import annotations
 
 import logging
+import queue
 import uuid
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -41,6 +42,7 @@ from vision_encoder.convert import encoded_from_proto
 from vision_encoder.encoder import EncodedImage
 
 log = logging.getLogger("speculum.clients")
+_END_ROUNDS = object()  # ends a VerifyRounds request stream
 
 
 def connect(address: str, settings: ClientSettings = ClientSettings(),
@@ -60,15 +62,41 @@ def _release(stub, session_id: str, timeout_s: float) -> None:
         log.info("release of %s failed: %s", session_id, exc.code())
 
 
+class _VerifyRoundStream:
+    """One session's VerifyRounds stream, opened on the first round: a round writes its request and
+    reads its result in the caller's thread (no reader thread: a round has no deadline of its own)."""
+
+    def __init__(self, stub: verifier_pb2_grpc.VerifierStub):
+        self._stub = stub
+        self._outbox: queue.SimpleQueue = queue.SimpleQueue()
+        self._call = None
+
+    def round(self, request: verifier_pb2.VerifyRequest) -> session_pb2.VerifyResult:
+        if self._call is None:
+            self._call = self._stub.VerifyRounds(iter(self._outbox.get, _END_ROUNDS))
+        self._outbox.put(request)
+        result = next(self._call, None)
+        if result is None:
+            raise Unavailable("the verifier ended the session's stream")
+        return result
+
+    def close(self) -> None:
+        if self._call is not None:
+            self._outbox.put(_END_ROUNDS)
+
+
 class GrpcVerifySession:
+    """`rounds_stream`: rounds over one VerifyRounds stream, else one Verify call each."""
+
     def __init__(self, stub: verifier_pb2_grpc.VerifierStub, sampling: SamplingParams, return_hidden: bool,
-                 timeout_s: float):
+                 timeout_s: float, rounds_stream: bool = False):
         self._stub = stub
         self._sampling = sampling
         self._return_hidden = return_hidden
         self._timeout_s = timeout_s
         self.session_id = f"v-{uuid.uuid4().hex}"
         self._open = False
+        self._stream = _VerifyRoundStream(stub) if rounds_stream else None
 
     def prefill(self, prompt: PromptInputs) -> VerifyResult:
         request = verifier_pb2.VerifierPrefillRequest(
@@ -91,7 +119,10 @@ class GrpcVerifySession:
         with tracer().start_as_current_span("speculum.verify.round") as span:
             span.set_attribute("speculum.draft_tokens", len(block.tokens))
             try:
-                result = convert.result_from_proto(self._stub.Verify(request, timeout=self._timeout_s))
+                if self._stream is not None:
+                    result = convert.result_from_proto(self._stream.round(request))
+                else:
+                    result = convert.result_from_proto(self._stub.Verify(request, timeout=self._timeout_s))
             except grpc.RpcError as exc:
                 raise error_from_rpc(exc) from exc
             span.set_attributes(
@@ -102,18 +133,23 @@ class GrpcVerifySession:
     def close(self) -> None:
         if self._open:
             self._open = False
+            if self._stream is not None:
+                self._stream.close()
             _release(self._stub, self.session_id, self._timeout_s)
 
 
 class GrpcVerifier:
-    """The Verifier protocol over a verify service."""
+    """The Verifier protocol over a verify service. timeout_s: deadline of a prefill, a Verify call
+    and a release; rounds_stream: each session's rounds go over one VerifyRounds stream (no call set-up
+    per round; a round then has no deadline of its own)."""
 
-    def __init__(self, channel: grpc.Channel, timeout_s: float = 60.0):
+    def __init__(self, channel: grpc.Channel, timeout_s: float = 60.0, rounds_stream: bool = False):
         self._stub = verifier_pb2_grpc.VerifierStub(channel)
         self.timeout_s = timeout_s
+        self.rounds_stream = rounds_stream
 
     def open(self, sampling: SamplingParams, return_features: bool = False) -> GrpcVerifySession:
-        return GrpcVerifySession(self._stub, sampling, return_features, self.timeout_s)
+        return GrpcVerifySession(self._stub, sampling, return_features, self.timeout_s, self.rounds_stream)
 
 
 class GrpcDraftSession:

@@ -176,7 +176,8 @@ def loop_hosting_drafter(drafter, engine: Engine, target_dir, verifier_address: 
     from draft_service import server as draft_server
     from orchestrator.clients import GrpcVerifier, connect
 
-    verifier = None if verifier_address is None else GrpcVerifier(connect(verifier_address), timeout_s=30)
+    verifier = None if verifier_address is None else GrpcVerifier(connect(verifier_address), timeout_s=30,
+                                                                  rounds_stream=True)
     decode = PromptBuilder.from_pretrained(target_dir, engine.target.facts).decode
     return draft_server.serve(drafter, settings, sessions, verifier=verifier,
                               eos_token_ids=engine.target.facts.eos_token_ids, decode=decode)

@@ -89,6 +89,12 @@ class VerifierServicer(verifier_pb2_grpc.VerifierServicer):
         return convert.result_to_proto(result, return_hidden)
 
     @mapped
+    def VerifyRounds(self, request_iterator, context):
+        for request in request_iterator:
+            result, return_hidden = self.verify(request.session_id, convert.block_from_proto(request.block))
+            yield convert.result_to_proto(result, return_hidden)
+
+    @mapped
     def Generate(self, request, context):
         loop = loop_request_from_proto(request)
         yield from serve_stream(self.loops.run(loop), loop_chunk_to_proto, context, loop.final_only)
