@@ -152,8 +152,13 @@ ASSISTANT = RecipeConfig(model=ModelConfig(text_layers=1))
 # then the shape word: 0.97 of the time a layer-3 head attends to the named object); by shape, or to read
 # a size or a place, no head finds the object (chance), and describe is 79% of the answer-loss tokens
 # while colour/size/position/count_shape are 7%. So: the lookup questions get a larger share (describe
-# stays ~58% of the loss tokens) and the cosine runs longer. Untested at full scale; 120-step fine-tunes
-# of the shipped target did not move these kinds (see `python -m demo_world.diagnose`).
+# stays ~58% of the loss tokens) and the cosine runs longer. 120-step fine-tunes of the shipped target
+# did not move these kinds (see `python -m demo_world.diagnose`). Built in full on 2026-12-08 (`build
+# --preset lookup-proposal`, 5313 s on 2 threads, shared with benchmarks part of the time) and scored
+# with `evaluate --per-kind 50`: pooled 0.650 against the shipped target's 0.660. It gained the lookups
+# it trains more (count_shape 0.62 / 0.50, size 0.86 / 0.68, position 0.32 / 0.22) and lost what it
+# trains less (shape 0.54 / 0.96, colour 0.56 / 0.60, describe 0.22 / 0.38): the kinds trade places
+# rather than the binding being learnt. Not shipped.
 LOOKUP_MIX = (
     (Kind.DESCRIBE.value, 0.12),
     (Kind.COUNT.value, 0.04),
