@@ -53,9 +53,10 @@ class LoopPlacement(enum.Enum):
     ORCHESTRATOR = "orchestrator"
 
 
-# Beside the drafter: the verifier's core then only verifies (bench.services: 0.87 of the in-process
-# engine's tokens/s against 0.73 beside the target, in one run; README, "Where the loop runs").
-DEFAULT_LOOP_AT = LoopPlacement.DRAFTER
+# Beside the target. Beside the drafter measured the same within this VM's noise (bench.services,
+# alternating runs: 0.79 / 0.81 against 0.78 / 0.77; README, "Loops beside the drafter"), and there a
+# killed drafter leaves its loops' verifier sessions to the verifier's TTL.
+DEFAULT_LOOP_AT = LoopPlacement.VERIFIER
 
 
 @dataclass(frozen=True)

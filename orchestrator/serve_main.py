@@ -6,7 +6,7 @@ SPECULUM_DRAFT_ADDRESS (empty: no speculation), SPECULUM_ENCODER_ADDRESS, SPECUL
 a pod), SPECULUM_ORCHESTRATOR_REPLICAS (1), SPECULUM_API_TOKEN (unset: no bearer-token check),
 SPECULUM_TLS_CA (TLS towards the services), SPECULUM_DRAFT_ROUND_DEADLINE_S (1.0),
 SPECULUM_METRICS_PORT (9100; replica i on a node serves 9100 + i; `off`: no exporter),
-SPECULUM_LOOP_AT (`drafter`, the default: the draft service runs requests' loops; `verifier`; `orchestrator`).
+SPECULUM_LOOP_AT (`verifier`, the default: the verify service runs requests' loops; `drafter`; `orchestrator`).
 Runs until SIGTERM, then shuts Ray Serve down.
 """
 

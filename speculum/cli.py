@@ -52,8 +52,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--port", type=int, default=50051, help="public gRPC port")
     serve.add_argument("--target", type=Path, default=None, help="target folder (default: the demo target)")
     serve.add_argument("--drafter", default=None, help="ngram | DIR (default: the demo drafter, else ngram)")
-    serve.add_argument("--loop-at", choices=("drafter", "verifier", "orchestrator"), default="drafter",
-                       help="where requests' speculative loops run (default: beside the drafter, in the draft service)")
+    serve.add_argument("--loop-at", choices=("verifier", "drafter", "orchestrator"), default="verifier",
+                       help="where requests' speculative loops run (default: beside the target, in the verifier)")
     commands.add_parser("bench", help="run the benchmarks (as `make bench`)")
     commands.add_parser("train-drafter", help="train a feature drafter (python -m draft_service.training)",
                         add_help=False)

@@ -40,8 +40,8 @@ class StackConfig:
     metrics_port: Prometheus /metrics of each part: N puts the orchestrator on N, the encoder on N+1,
         the verifier on N+2, the drafter on N+3; 0 (default) picks free ports (logged, `metrics_ports`);
         None turns the exporters off.
-    loop_at: where requests' loops run (`orchestrator.remote_loop.LoopPlacement` value): "drafter"
-        (default), "verifier" or "orchestrator"."""
+    loop_at: where requests' loops run (`orchestrator.remote_loop.LoopPlacement` value): "verifier"
+        (default), "drafter" or "orchestrator"."""
 
     target_dir: Path
     drafter: str = "ngram"
@@ -52,7 +52,7 @@ class StackConfig:
     startup_timeout_s: float = 180.0
     public_tls: TlsServerSettings | None = None
     metrics_port: int | None = 0
-    loop_at: str = "drafter"
+    loop_at: str = "verifier"
 
 
 @dataclass

@@ -50,21 +50,18 @@ def test_every_part_exports_metrics_the_ray_replica_included(stack):
     stub = speculum_pb2_grpc.SpeculumStub(grpc.insecure_channel(running.address))
     before = scrape(running.metrics_ports["orchestrator"])
     verify_before = scrape(running.metrics_ports["verify"])
-    draft_before = scrape(running.metrics_ports["draft"])
     ask(stub, "Describe the image in detail.", [png_bytes(32)])
     orchestrator = scrape(running.metrics_ports["orchestrator"])  # the Serve replica's own exporter
     assert handled(orchestrator, "speculum.v1.Speculum", "Generate", "OK") - handled(
         before, "speculum.v1.Speculum", "Generate", "OK") == 1
     assert orchestrator[("speculum_mean_accepted_length_count", frozenset())] >= 1
-    # the loop runs in the draft service (the default): one Generate stream (counted once it has
-    # ended); its round metrics are there, and the verifier served the rounds' Verify calls
-    draft = calls_settled(running.metrics_ports["draft"], draft_before, "speculum.v1.Drafter", "Generate", 1)
-    assert handled(draft, "speculum.v1.Drafter", "Generate", "OK") - handled(
-        draft_before, "speculum.v1.Drafter", "Generate", "OK") == 1
-    assert draft[("speculum_verify_round_seconds_count", frozenset())] >= 1
-    verify = scrape(running.metrics_ports["verify"])
-    assert handled(verify, "speculum.v1.Verifier", "Verify", "OK") > handled(
-        verify_before, "speculum.v1.Verifier", "Verify", "OK")
+    # the loop runs in the verifier (the default): one Generate stream (counted once it has ended);
+    # its round metrics are there
+    verify = calls_settled(running.metrics_ports["verify"], verify_before, "speculum.v1.Verifier", "Generate", 1)
+    assert handled(verify, "speculum.v1.Verifier", "Generate", "OK") - handled(
+        verify_before, "speculum.v1.Verifier", "Generate", "OK") == 1
+    assert verify[("speculum_verify_round_seconds_count", frozenset())] >= 1
+    assert handled(scrape(running.metrics_ports["draft"]), "speculum.v1.Drafter", "Prefill", "OK") >= 1
     assert handled(scrape(running.metrics_ports["encoder"]), "speculum.v1.VisionEncoder", "Encode", "OK") >= 1
 
 
