@@ -133,6 +133,11 @@ def test_a_request_moves_every_services_counters(services, app):
         verify = calls_settled(verifier.metrics.port, before["verify"], "speculum.v1.Verifier", "Generate", 2)
         assert handled(verify, "speculum.v1.Verifier", "Generate", "OK") - handled(
             before["verify"], "speculum.v1.Verifier", "Generate", "OK") == 2
+    elif at is LoopPlacement.DRAFTER:  # one Prefill and one VerifyRounds stream per request, all OK
+        verify = calls_settled(verifier.metrics.port, before["verify"], "speculum.v1.Verifier", "VerifyRounds", 2)
+        for method in ("Prefill", "VerifyRounds"):
+            assert handled(verify, "speculum.v1.Verifier", method, "OK") - handled(
+                before["verify"], "speculum.v1.Verifier", method, "OK") == 2, method
     else:  # the verifier: one Prefill and one Verify per round, per request, all OK
         assert handled(verify, "speculum.v1.Verifier", "Prefill", "OK") - handled(
             before["verify"], "speculum.v1.Verifier", "Prefill", "OK") == 2
