@@ -24,7 +24,7 @@ from orchestrator.prompting import PromptBuilder
 from orchestrator.protocols import DraftSession, Drafter, Verifier
 from orchestrator.remote_loop import loop_chunk_to_proto, loop_request_from_proto
 from speculum.config import SamplingParams
-from speculum.errors import InvalidArgument, Unavailable
+from speculum.errors import Unavailable
 from speculum.metrics import RoundMetrics, SessionCollector, batch_collector, new_registry
 from speculum.model_facts import ModelFacts
 from speculum.records import DraftBlock, PromptInputs, VerifyResult
@@ -149,7 +149,7 @@ def serve(drafter: Drafter, settings: ServerSettings, sessions: SessionSettings,
           eos_token_ids: frozenset[int] = frozenset(),
           decode: Callable[[Sequence[int]], str] | None = None) -> RunningServer:
     """`verifier`: the verify service's client for the loops this drafter hosts (without one,
-    Generate is FAILED_PRECONDITION); `eos_token_ids` and `decode`: the target's, for their stop
+    Generate is UNAVAILABLE); `eos_token_ids` and `decode`: the target's, for their stop
     conditions."""
     servicer = DrafterServicer(drafter, sessions, batch)
     registry = new_registry()
@@ -158,7 +158,7 @@ def serve(drafter: Drafter, settings: ServerSettings, sessions: SessionSettings,
         settings = dataclasses.replace(settings, max_workers=settings.max_workers + sessions.max_sessions)
         rounds = RoundMetrics(registry)
         servicer.loops = HostedLoops(MeteredVerifier(verifier, rounds), MeteredDrafter(LocalDrafter(servicer), rounds),
-                                     eos_token_ids, decode or _no_decoder)
+                                     eos_token_ids, decode)
     running = start_server(
         settings,
         [lambda server: drafter_pb2_grpc.add_DrafterServicer_to_server(servicer, server)],
@@ -178,10 +178,6 @@ def _verifier_client(address: str, settings: ServerSettings) -> Verifier | None:
     clients = ClientSettings.from_env()
     return GrpcVerifier(connect(address, clients, settings.max_message_bytes), timeout_s=VERIFY_TIMEOUT_S,
                         rounds_stream=True)
-
-
-def _no_decoder(token_ids: Sequence[int]) -> str:
-    raise InvalidArgument("sampling.stop", "this drafter has no tokenizer to match stop strings")
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -17,22 +17,28 @@ from orchestrator.loop import Chunk, speculate
 from orchestrator.protocols import Drafter, Verifier
 from orchestrator.remote_loop import LoopRequest
 from orchestrator.stopping import StopChecker
+from speculum.errors import InvalidArgument
 
 
 @dataclass(frozen=True)
 class HostedLoops:
     """Runs requests' loops here. verifier and drafter: a local one and the other service's client
-    (possibly metered); eos_token_ids and decode: the target's, for stop conditions."""
+    (possibly metered); eos_token_ids and decode: the target's, for stop conditions (without decode,
+    a request with stop strings is INVALID_ARGUMENT)."""
 
     verifier: Verifier
     drafter: Drafter | None
     eos_token_ids: frozenset[int]
-    decode: Callable[[Sequence[int]], str]
+    decode: Callable[[Sequence[int]], str] | None = None
 
     def run(self, request: LoopRequest) -> Iterator[Chunk]:
-        stop = StopChecker(request.sampling.max_new_tokens, self.eos_token_ids, request.sampling.stop, self.decode,
-                           preceding=request.emitted)
+        stop = StopChecker(request.sampling.max_new_tokens, self.eos_token_ids, request.sampling.stop,
+                           self.decode or _no_decoder, preceding=request.emitted)
         return speculate(request.prompt, request.sampling, request.speculation, self.verifier, self.drafter, stop)
+
+
+def _no_decoder(token_ids: Sequence[int]) -> str:
+    raise InvalidArgument("sampling.stop", "this service has no tokenizer to match stop strings")
 
 
 def serve_stream(chunks: Iterator[Chunk], to_proto, context, final_only: bool = False) -> Iterator:

@@ -24,7 +24,6 @@ from orchestrator.prompting import PromptBuilder
 from orchestrator.protocols import Drafter
 from orchestrator.remote_loop import loop_chunk_to_proto, loop_request_from_proto
 from speculum.config import SamplingParams
-from speculum.errors import InvalidArgument
 from speculum.metrics import RoundMetrics, SessionCollector, batch_collector, new_registry, prefix_cache_collector
 from speculum.prefix_cache import PrefixCache
 from speculum.rpc import convert
@@ -167,7 +166,7 @@ def serve(model: VisionLanguageModel, settings: ServerSettings, sessions: Sessio
         MeteredVerifier(LocalVerifier(servicer), rounds),
         None if drafter is None else MeteredDrafter(drafter, rounds),
         model.facts.eos_token_ids,
-        decode or _no_decoder,
+        decode,
     )
     running = start_server(
         settings,
@@ -188,10 +187,6 @@ def _drafter_client(address: str, settings: ServerSettings) -> Drafter | None:
     clients = ClientSettings.from_env()
     return GrpcDrafter(connect(address, clients, settings.max_message_bytes), timeout_s=DRAFT_TIMEOUT_S,
                        round_deadline_s=clients.draft_round_deadline_s)
-
-
-def _no_decoder(token_ids: Sequence[int]) -> str:
-    raise InvalidArgument("sampling.stop", "this verifier has no tokenizer to match stop strings")
 
 
 def main(argv: list[str] | None = None) -> None:
