@@ -215,6 +215,64 @@ def test_each_branch_of_a_look_ahead_is_what_the_drafter_drafts_after_that_outco
         assert branch.block.tokens == chain_after((*block.tokens[: branch.accepted], branch.token), 5)
 
 
+def _counting_forwards(model):
+    calls = []
+    original = model.forward
+
+    def forward(*args, **kwargs):
+        calls.append(args[0].shape[1])  # rows fed
+        return original(*args, **kwargs)
+
+    model.forward = forward
+    return calls
+
+
+def test_a_look_ahead_feeds_the_block_and_the_verified_rows_in_one_forward(llava_dir, llava_engine):
+    """A look-ahead reuses the features its block was drafted from: b's rows (4 > k = 2) go in one
+    forward, and after a verification that kept a chain of the last look-ahead, the verified rows go
+    in that same forward. Feeding them there gives what feeding them first (sync) gives."""
+    import torch
+
+    from speculum.records import VerifyResult
+    from speculum.rejection import NextTokenKind
+
+    prompt = build_prompt(llava_engine, "Describe the image in detail.", [png_bytes(7)])
+    sampling = SamplingParams(max_new_tokens=MAX_NEW).with_seed()
+    verifier = llava_engine.verifier.open(sampling, return_features=True)
+    first = verifier.prefill(prompt)
+    sessions = []
+    for _ in range(2):
+        drafter = feature_drafter(llava_dir, llava_engine)  # k = 2, the same seeded weights
+        session = drafter.open(sampling)
+        session.prefill(prompt, first)
+        sessions.append(session)
+    blocks, aheads, calls = [], [], []
+    for session in sessions:
+        block = join_pieces(list(session.propose(4)))
+        fed = _counting_forwards(session.model)
+        aheads.append(join_pieces(list(session.propose(6, block.tokens))))
+        blocks.append(block)
+        calls.append(fed)
+    assert blocks[0] == blocks[1] and aheads[0] == aheads[1]
+    # A: b (4 rows) and its alternatives in one forward; B: the two guesses; then 5 tokens below each
+    # root, k per forward (2 forwards after the first 2 from B's output)
+    assert len(calls[0]) == 4 and calls[0][0] >= 4, calls[0]
+    # The verifier accepts all of b and settles on the first guess: the look-ahead's chain below it holds.
+    guess = aheads[0].tokens[0]
+    kept = _after_guess(aheads[0], guess)
+    features = first.hidden.new_zeros(5, first.hidden.shape[-1]).normal_(generator=torch.Generator().manual_seed(3))
+    result = VerifyResult(4, (*blocks[0].tokens, guess), NextTokenKind.BONUS, features)
+    for session in sessions:
+        session.advance(result)
+    sessions[1].sync()  # the verified rows first, on their own
+    fed = _counting_forwards(sessions[0].model)
+    after = [join_pieces(list(s.propose(6, kept.tokens[:4]))) for s in sessions]
+    assert fed[0] == 5 + 4 + len(after[0].branches), fed  # verified rows, b and alternatives together
+    assert after[0] == after[1]
+    torch.testing.assert_close(sessions[0]._features, sessions[1]._features, atol=1e-5, rtol=1e-5)
+    assert sessions[0].real_length == sessions[1].real_length
+
+
 def test_branches_go_where_the_drafter_expects_rejections():
     """Position j is rejected with probability reach_j * (1 - p_j) by the drafter's own numbers; the
     likeliest ones get a branch (at most `room`, each at least MIN_REJECTION likely)."""

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
-from draft_service.feature.branches import branching_lookahead
+from draft_service.feature.branches import Carried, branching_lookahead
 from draft_service.feature.context import sequence_context
 from draft_service.feature.model import FeatureDraftModel
 from draft_service.feature.tree_drafting import TreeFeatures
@@ -67,6 +67,10 @@ class FeatureDraftSession:
         self._real_length = 0  # cache rows computed from the target's own features
         self._unfed: torch.Tensor | None = None  # [P, D] real rows not yet in the cache
         self._features: torch.Tensor | None = None  # [k, D] predictions after the last real row
+        # The last block drafted, with the features its tokens came from: the chain just proposed, or
+        # the look-ahead's chain that the last verification kept. A look-ahead over it reuses them.
+        self._carried: Carried | None = None
+        self._outcomes: dict[tuple[int, int], Carried] = {}  # the last look-ahead's chains by outcome
 
     @property
     def real_length(self) -> int:
@@ -87,7 +91,7 @@ class FeatureDraftSession:
     @torch.inference_mode()
     def propose(self, max_tokens: int, assume: Sequence[int] = ()) -> Iterator[DraftBlock]:
         if assume and self.tree_shape is None and max_tokens > 1:  # a look-ahead: cover the likely outcomes
-            yield branching_lookahead(self.model, self.cache, self.sync(), assume, max_tokens, self._choose)
+            yield self._lookahead(max_tokens, assume)
             return
         yield from run_plan(self.plan(max_tokens, assume), self.model, self.cache)
 
@@ -105,9 +109,12 @@ class FeatureDraftSession:
             yield self._propose_tree(features, max_tokens)
             return
         produced = 0
+        self._carried = None
         while produced < max_tokens:
             width = min(len(features), max_tokens - produced)
             block = self._choose(self.model.logits(features[:width]))
+            if not assume:
+                self._carry(block.tokens, features[:width])
             yield block
             produced += width
             if produced >= max_tokens:
@@ -122,6 +129,9 @@ class FeatureDraftSession:
         assert result.hidden.shape[0] == len(result.tokens), (result.hidden.shape, result.tokens)
         self.sync()  # rows committed earlier but never drafted from (a propose of 0 tokens)
         self.cache.truncate(self._real_length)
+        # The verifier's outcome picks the chain of the last look-ahead that holds, if it drafted one.
+        self._carried = self._outcomes.get((result.num_accepted, result.tokens[-1]))
+        self._outcomes = {}
         # Row j pairs h_j with x_{j+1}: the pending token's row with the first accepted token, and so on.
         self._unfed = self.model.fuse(self.model.embed(torch.tensor(result.tokens)), result.hidden.float().cpu())
 
@@ -136,6 +146,28 @@ class FeatureDraftSession:
             except StopIteration as done:
                 return done.value
             reply = self.model(rows.rows[None], self.cache, last_only=True)[0]
+
+    def _lookahead(self, max_tokens: int, assume: Sequence[int]) -> DraftBlock:
+        carried, self._carried = self._carried, None
+        if carried is not None and carried.covers(assume):  # b's rows from its own features, one forward
+            self.cache.truncate(self._real_length)
+            unfed, self._unfed = self._unfed, None
+            ahead = branching_lookahead(self.model, self.cache, None, assume, max_tokens, self._choose, unfed,
+                                        carried.features[: len(assume)])
+            if ahead.after_real is not None:
+                self._features = ahead.after_real
+                self._real_length += len(unfed)
+        else:
+            ahead = branching_lookahead(self.model, self.cache, self.sync(), assume, max_tokens, self._choose)
+        self._outcomes = ahead.chains
+        return ahead.block
+
+    def _carry(self, tokens: Sequence[int], features: torch.Tensor) -> None:
+        """Extend the carried chain by the block just drafted (a chain of k-token pieces)."""
+        if self._carried is None:
+            self._carried = Carried(tuple(tokens), features)
+        else:
+            self._carried = Carried((*self._carried.tokens, *tokens), torch.cat([self._carried.features, features]))
 
     def _sync_steps(self) -> Generator[Rows, torch.Tensor, torch.Tensor]:
         self.cache.truncate(self._real_length)
