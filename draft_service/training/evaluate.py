@@ -10,6 +10,8 @@ round's block comes from the look-ahead drafted while the previous one was verif
 
 from __future__ import annotations
 
+import statistics
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -25,7 +27,8 @@ from speculum.rejection import NextTokenKind
 class AcceptanceReport:
     """tau: emitted tokens per verification · rounds / emitted: their totals · acceptance: the
     accepted share of drafted tokens · k: the draft length · drafted_ahead: rounds whose block was
-    a look-ahead (pipelined simulation only)."""
+    a look-ahead · lookahead_ms: the median wall time of a look-ahead's drafting, on this process's
+    torch threads (both pipelined simulation only)."""
 
     k: int
     tau: float
@@ -33,6 +36,7 @@ class AcceptanceReport:
     emitted: int
     acceptance: float
     drafted_ahead: int = 0
+    lookahead_ms: float = 0.0
 
 
 def simulated_tau(drafter: FeatureDrafter, samples: Sequence[FeatureSample], k: int) -> AcceptanceReport:
@@ -49,6 +53,7 @@ def simulated_pipelined_tau(drafter: FeatureDrafter, samples: Sequence[FeatureSa
 
 def _simulate(drafter: FeatureDrafter, samples: Sequence[FeatureSample], k: int, pipelined: bool) -> AcceptanceReport:
     rounds = emitted = drafted = accepted = ahead_rounds = 0
+    lookahead_seconds = []
     for sample in samples:
         answer = sample.answer_ids
         if len(answer) < 2:
@@ -66,8 +71,11 @@ def _simulate(drafter: FeatureDrafter, samples: Sequence[FeatureSample], k: int,
             else:
                 block = join_pieces(list(session.propose(min(k, room)))) if room > 0 else DraftBlock(())
             further = min(k, room - len(block.tokens) - 1)
-            ahead = join_pieces(list(session.propose(further + 1, block.tokens))) \
-                if pipelined and further > 0 and block.tokens else None
+            ahead = None
+            if pipelined and further > 0 and block.tokens:
+                began = time.perf_counter()
+                ahead = join_pieces(list(session.propose(further + 1, block.tokens)))
+                lookahead_seconds.append(time.perf_counter() - began)
             drafts = block.tokens
             matched = 0
             while matched < len(drafts) and drafts[matched] == answer[done + matched]:
@@ -82,4 +90,6 @@ def _simulate(drafter: FeatureDrafter, samples: Sequence[FeatureSample], k: int,
             if done < len(answer):
                 session.advance(result)
         session.close()
-    return AcceptanceReport(k, emitted / max(1, rounds), rounds, emitted, accepted / max(1, drafted), ahead_rounds)
+    lookahead_ms = 1000 * statistics.median(lookahead_seconds) if lookahead_seconds else 0.0
+    return AcceptanceReport(k, emitted / max(1, rounds), rounds, emitted, accepted / max(1, drafted), ahead_rounds,
+                            round(lookahead_ms, 2))
