@@ -95,7 +95,7 @@ def tokenizer_texts(config: RecipeConfig) -> Iterator[str]:
 
 def build_tokenizer(config: RecipeConfig) -> PreTrainedTokenizerBase:
     """Train the byte-level BPE chat tokenizer on `tokenizer_texts`."""
-    return train_chat_tokenizer(tokenizer_texts(config), config.model.vocab_size)
+    return train_chat_tokenizer(tokenizer_texts(config), config.model.vocab_size, config.model.image_last)
 
 
 def prompt_ids(tokenizer: PreTrainedTokenizerBase, prompt: str, has_image: bool, visual_tokens: int) -> list[int]:

@@ -22,7 +22,7 @@ from transformers import (
 from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
 
 from demo_world.config import ModelConfig
-from speculum.chat_tokenizer import CHAT_TEMPLATE
+from speculum.chat_tokenizer import chat_template
 
 PAD_ID, BOS_ID, EOS_ID, IMAGE_ID = 0, 1, 2, 3  # fixed by speculum.chat_tokenizer
 # Scenes are drawn on light grey; centring at 0.5 keeps pixel values in [-1, 1].
@@ -96,7 +96,7 @@ def save_target(
         patch_size=config.patch_size,
         vision_feature_select_strategy="default",
         num_additional_image_tokens=1,  # the CLS token, which "default" then drops: N = (size/patch)^2
-        chat_template=CHAT_TEMPLATE,
+        chat_template=chat_template(config.image_last),
     )
     processor.save_pretrained(out)
     tokenizer.save_pretrained(out)

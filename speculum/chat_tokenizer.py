@@ -32,9 +32,26 @@ CHAT_TEMPLATE = (
     "{% if add_generation_prompt %}ASSISTANT:{% endif %}"
 )
 
+# The same conversation with each message's images after its text: `USER: {prompt}\n<image>\nASSISTANT:`.
+# Image positions can then attend to the question (the decoder is causal), so a patch can mark itself as
+# the object asked about before the answer looks for it. Text-only prompts render as in CHAT_TEMPLATE.
+CHAT_TEMPLATE_IMAGE_LAST = (
+    "{{ bos_token }}"
+    "{% for m in messages %}"
+    "{{ m['role'].upper() }}: "
+    "{% if m['content'] is string %}{{ m['content'] }}"
+    "{% else %}{% for c in m['content'] %}{% if c['type'] != 'image' %}{{ c['text'] }}{% endif %}{% endfor %}"
+    "{% for c in m['content'] %}{% if c['type'] == 'image' %}{{ '\\n' }}<image>{% endif %}{% endfor %}{% endif %}"
+    "{% if m['role'] == 'assistant' %}{{ eos_token }}{% endif %}"
+    "{{ '\\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}ASSISTANT:{% endif %}"
+)
 
-def train_chat_tokenizer(texts: Iterable[str], vocab_size: int) -> PreTrainedTokenizerFast:
-    """Train byte-level BPE on `texts`; specials get ids 0-3 (pad, bos, eos, image)."""
+
+def train_chat_tokenizer(texts: Iterable[str], vocab_size: int, image_last: bool = False) -> PreTrainedTokenizerFast:
+    """Train byte-level BPE on `texts`; specials get ids 0-3 (pad, bos, eos, image).
+    `image_last` picks CHAT_TEMPLATE_IMAGE_LAST."""
     if vocab_size < len(SPECIAL_TOKENS) + 256:
         raise ValueError(f"vocab_size must be at least {len(SPECIAL_TOKENS) + 256} (specials + bytes)")
     tokenizer = Tokenizer(models.BPE(unk_token=None))
@@ -54,5 +71,9 @@ def train_chat_tokenizer(texts: Iterable[str], vocab_size: int) -> PreTrainedTok
         pad_token=PAD,
         extra_special_tokens={"image_token": IMAGE},
     )
-    wrapped.chat_template = CHAT_TEMPLATE
+    wrapped.chat_template = chat_template(image_last)
     return wrapped
+
+
+def chat_template(image_last: bool) -> str:
+    return CHAT_TEMPLATE_IMAGE_LAST if image_last else CHAT_TEMPLATE

@@ -80,6 +80,16 @@ def test_prompt_layout_matches_the_engine(micro_tokenizer):
     assert joint == apart
 
 
+def test_the_image_last_layout_puts_the_prompt_before_the_image():
+    from speculum.chat_tokenizer import train_chat_tokenizer
+
+    tok = train_chat_tokenizer(["USER: How many objects are there?\nASSISTANT: There are two objects."] * 8, 300,
+                               image_last=True)
+    ids = prompt_ids(tok, "How many objects are there?", has_image=True, visual_tokens=4)
+    assert tok.decode(ids) == "<s>USER: How many objects are there?\n<image><image><image><image>\nASSISTANT:"
+    assert tok.decode(prompt_ids(tok, "Hi", has_image=False, visual_tokens=4)) == "<s>USER: Hi\nASSISTANT:"
+
+
 def test_multi_turn_template_keeps_turns_on_their_own_lines(micro_tokenizer):
     rendered = micro_tokenizer.apply_chat_template(
         [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello."},
