@@ -27,7 +27,7 @@ from speculum.config import SamplingParams
 from speculum.errors import Unavailable
 from speculum.metrics import RoundMetrics, SessionCollector, batch_collector, new_registry
 from speculum.model_facts import ModelFacts
-from speculum.records import DraftBlock, PromptInputs, VerifyResult
+from speculum.records import DraftBlock, PromptInputs, VerifyResult, join_pieces
 from speculum.rpc import convert
 from speculum.rpc.server import RunningServer, run_until_signal, start_server
 from speculum.rpc.settings import BatchSettings, ClientSettings, ServerSettings, SessionSettings
@@ -93,24 +93,25 @@ class DrafterServicer(drafter_pb2_grpc.DrafterServicer):
 
     @mapped
     def DraftRounds(self, request_iterator, context):
+        # The loop verifies a round's block whole, so the round goes as one message: each further
+        # message costs both processes a send and a receive, each a wake-up of another thread on a
+        # core that is busy with the model. `Draft` streams the pieces as they are drafted.
         for request in request_iterator:
-            drafted = 0
-            for piece in self._round(request):
-                drafted += len(piece.tokens)
-                # A piece that fills the round ends it too: one message fewer per round (a drafter
-                # never drafts past max_tokens, and a tree comes as one piece).
-                last = drafted >= request.max_tokens
-                yield drafter_pb2.DraftPiece(block=piece, end_of_round=last)
-                if last:
-                    break
+            block = join_pieces(list(self._blocks(request)))
+            if block.tokens:
+                yield drafter_pb2.DraftPiece(block=convert.block_to_proto(block), end_of_round=True)
             else:
                 yield drafter_pb2.DraftPiece(end_of_round=True)
 
     def _round(self, request):
         """Commit the request's `advance`, then the pieces of the next block as protos."""
-        advance = convert.result_from_proto(request.advance) if request.HasField("advance") else None
-        for block in self.propose(request.session_id, advance, request.max_tokens, tuple(request.assume)):
+        for block in self._blocks(request):
             yield convert.block_to_proto(block)
+
+    def _blocks(self, request) -> Iterator[DraftBlock]:
+        """Commit the request's `advance`, then the pieces of the next block."""
+        advance = convert.result_from_proto(request.advance) if request.HasField("advance") else None
+        yield from self.propose(request.session_id, advance, request.max_tokens, tuple(request.assume))
 
     def propose(self, session_id: str, advance: VerifyResult | None, max_tokens: int,
                 assume: tuple[int, ...]) -> Iterator[DraftBlock]:

@@ -80,27 +80,33 @@ def test_repeated_image_reuses_the_verifiers_prefix_rows(llava_engine, verifier_
     assert after.reused_tokens > before.reused_tokens
 
 
-def test_draft_round_messages_end_on_the_piece_that_fills_the_round(llava_engine, drafter_server):
-    """A round's last piece carries end_of_round (no extra message); a round cut short gets a bare marker."""
+def test_a_draft_round_is_one_message_holding_what_draft_streams_in_pieces(llava_engine, drafter_server):
+    """DraftRounds sends a round's block whole, with end_of_round (the loop verifies it whole; each
+    message costs a wake-up); `Draft` streams the same block in pieces."""
     prompt = build_prompt(llava_engine, "Describe the image in detail.", [png_bytes(2)])
     stub = drafter_pb2_grpc.DrafterStub(channel(drafter_server))
     first = VerifyResult(0, (hf_greedy(llava_engine.target, prompt, 1)[0],), NextTokenKind.BONUS)
     for k in (4, 2):
-        session = f"rounds-{k}"
-        stub.Prefill(drafter_pb2.DrafterPrefillRequest(
-            session_id=session, prompt=convert.prompt_to_proto(prompt),
-            sampling=convert.session_sampling_to_proto(SamplingParams(max_new_tokens=32, seed=0)),
-            first=convert.result_to_proto(first, with_hidden=False)))
-        try:
-            pieces = list(stub.DraftRounds(iter([drafter_pb2.DraftRequest(session_id=session, max_tokens=k)]),
-                                           timeout=30))
-        finally:
-            stub.Release(session_pb2.ReleaseRequest(session_id=session))
-        assert [piece.end_of_round for piece in pieces] == [False] * (len(pieces) - 1) + [True]
-        drafted = sum(len(piece.block.tokens) for piece in pieces)
-        assert drafted <= k
-        # the marker comes alone only when the drafter stopped short of k tokens
-        assert pieces[-1].HasField("block") == (drafted == k)
+        blocks = {}
+        for rpc in ("rounds", "draft"):
+            session = f"{rpc}-{k}"
+            stub.Prefill(drafter_pb2.DrafterPrefillRequest(
+                session_id=session, prompt=convert.prompt_to_proto(prompt),
+                sampling=convert.session_sampling_to_proto(SamplingParams(max_new_tokens=32, seed=0)),
+                first=convert.result_to_proto(first, with_hidden=False)))
+            request = drafter_pb2.DraftRequest(session_id=session, max_tokens=k)
+            try:
+                if rpc == "rounds":
+                    pieces = list(stub.DraftRounds(iter([request]), timeout=30))
+                    assert len(pieces) == 1 and pieces[0].end_of_round
+                    blocks[rpc] = tuple(pieces[0].block.tokens)
+                    # a bare marker only when the drafter drafted nothing
+                    assert pieces[0].HasField("block") == bool(blocks[rpc])
+                else:
+                    blocks[rpc] = tuple(t for piece in stub.Draft(request, timeout=30) for t in piece.tokens)
+            finally:
+                stub.Release(session_pb2.ReleaseRequest(session_id=session))
+        assert blocks["rounds"] == blocks["draft"] and len(blocks["rounds"]) <= k
 
 
 def test_a_round_redrafted_without_advance_is_the_same_round(llava_engine, small_llava_drafter_model):
