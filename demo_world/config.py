@@ -99,6 +99,12 @@ class TrainConfig:
     # Issue 3: average the answer loss per example (each answer's token mean, then the mean over the batch)
     # instead of per token, so short lookup answers are not outweighed by describe's long ones.
     loss_per_answer: bool = False
+    # Issue 3: weight of a training-only loss on one attention head (head 0 of decoder layer `lookup_layer`):
+    # from every row that predicts an answer token, the attention mass on the patches of the object the
+    # question names (`data.lookup_patches`) should be 1. It teaches the binding of a shape word to its
+    # patches directly; 0 turns it off (the shipped recipe).
+    lookup_weight: float = 0.0
+    lookup_layer: int = 2
     warmup_steps: int = 100
     min_lr_ratio: float = 0.1  # cosine decays to this fraction of the peak
     weight_decay: float = 0.01
@@ -186,6 +192,8 @@ LOOKUP_PROPOSAL = RecipeConfig(train=TrainConfig(steps=3000, mix=LOOKUP_MIX))
 # at 1200, 0.63 / 0.70 at 1800 (there describe 0.04 and shape 0.62 against FULL's 0.36 and 0.96).
 # None is worth a full build on this evidence.
 TIED = RecipeConfig(train=TrainConfig(probe_tied=True))
+# Issue 3 trial: FULL with the lookup-attention loss (`TrainConfig.lookup_weight`).
+LOOKUP_ATTENTION = RecipeConfig(train=TrainConfig(lookup_weight=1.0))
 # Issue 3 trial: FULL with the prompt before the image (`ModelConfig.image_last`), so that image positions
 # can read the question. Measured 2026-12-08 (`build --preset image-last --stop-after 1200`, 22 min on 2
 # threads, then `evaluate --preset image-last --per-kind 50` on the six fact kinds): pooled 0.427 at LM

@@ -10,6 +10,7 @@ uninterrupted run. This module does not build or train models.
 from __future__ import annotations
 
 import random
+import re
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -18,7 +19,8 @@ from PIL import Image
 from transformers import PreTrainedTokenizerBase
 
 from demo_world.config import RecipeConfig
-from demo_world.scenes import Scene, SceneConfig, patch_labels, render, scene_for_seed
+from demo_world.scenes import (COLOURS, PATCH_COLOURS, PATCH_SHAPES, SHAPES, PatchLabels, Scene, SceneConfig,
+                               patch_labels, render, scene_for_seed)
 from demo_world.tasks import Example, Kind, make_example
 from demo_world.text_corpus import TEXT_KIND, make_text_example, split_docstrings
 from speculum.chat_tokenizer import IMAGE, train_chat_tokenizer
@@ -45,6 +47,8 @@ class Batch:
     pixel_values: torch.Tensor | None  # [num_images, 3, H, W]
     # Training-only targets of the auxiliary vision heads: shape, colour and size class per patch.
     patch_labels: torch.Tensor | None = None  # [num_images, N, 3]
+    # Training-only: per image, the patches of the object(s) its question names (`lookup_patches`).
+    lookup: torch.Tensor | None = None  # [num_images, N] bool
 
 
 def sample_item(rng: random.Random, config: RecipeConfig, held_out: bool = False) -> Sample:
@@ -137,6 +141,22 @@ def collate(items: list[Sample], tokenizer: PreTrainedTokenizerBase, image_proce
     patches = None
     if scenes is not None and images:
         patch_size = scenes.image_size // round(visual_tokens ** 0.5)
-        per_image = [patch_labels(item.scene, scenes, patch_size) for item in items if item.image is not None]
+        with_image = [item for item in items if item.image is not None]
+        per_image = [patch_labels(item.scene, scenes, patch_size) for item in with_image]
         patches = torch.tensor([list(zip(p.shape, p.colour, p.size)) for p in per_image])
+        lookup = torch.tensor([lookup_patches(item.example.prompt, p) for item, p in zip(with_image, per_image)])
+        return Batch(input_ids, mask, label_ids, pixels, patches, lookup)
     return Batch(input_ids, mask, label_ids, pixels, patches)
+
+
+def lookup_patches(prompt: str, labels: PatchLabels) -> list[bool]:
+    """Per patch, whether it shows the object the prompt looks up: every patch of the named shape and
+    colour ("the red circle", "the triangle", "the red object", "How many squares"). All False when the
+    prompt names no object, or two (a relation, a comparison)."""
+    words = re.findall(r"[a-z]+", prompt.lower())
+    shapes = {word.removesuffix("s") for word in words if word.removesuffix("s") in SHAPES}
+    colours = {word for word in words if word in COLOURS}
+    if len(shapes) > 1 or len(colours) > 1 or not (shapes or colours):
+        return [False] * len(labels.shape)
+    return [(not shapes or PATCH_SHAPES[shape] in shapes) and (not colours or PATCH_COLOURS[colour] in colours)
+            for shape, colour in zip(labels.shape, labels.colour)]

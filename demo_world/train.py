@@ -127,7 +127,8 @@ def make_optimizer(model: LlavaForConditionalGeneration, config: TrainConfig, pr
 
 
 def answer_loss(model: LlavaForConditionalGeneration, batch: Batch, probe: PatchProbe | None = None,
-                probe_weight: float = 0.0, per_answer: bool = False) -> torch.Tensor:
+                probe_weight: float = 0.0, per_answer: bool = False, lookup_weight: float = 0.0,
+                lookup_layer: int = 2) -> torch.Tensor:
     """Mean cross-entropy over answer tokens, or with `per_answer` the mean over examples of each answer's
     token mean (plus `probe_weight` x the probe's patch loss, if the batch has images). The LM head runs
     only on answer positions: with a 1.5k vocabulary it would otherwise cost more than a decoder layer."""
@@ -135,13 +136,20 @@ def answer_loss(model: LlavaForConditionalGeneration, batch: Batch, probe: Patch
     use_probe = probe is not None and probe_weight > 0 and batch.patch_labels is not None
     hook = (model.model.multi_modal_projector.register_forward_hook(lambda _m, _i, out: captured.append(out))
             if use_probe else None)
+    attention_inputs = []
+    use_lookup = lookup_weight > 0 and batch.lookup is not None and bool(batch.lookup.any())
+    attention = model.model.language_model.layers[lookup_layer].self_attn if use_lookup else None
+    lookup_hook = (attention.register_forward_hook(
+        lambda _m, _a, kwargs, _out: attention_inputs.append((kwargs["hidden_states"], kwargs["position_embeddings"])),
+        with_kwargs=True) if use_lookup else None)
     try:
         hidden = model.model(
             input_ids=batch.input_ids, attention_mask=batch.attention_mask, pixel_values=batch.pixel_values
         ).last_hidden_state  # [B, T, D]
     finally:
-        if hook is not None:
-            hook.remove()
+        for h in (hook, lookup_hook):
+            if h is not None:
+                h.remove()
     targets = batch.labels[:, 1:]  # [B, T-1]
     keep = targets != IGNORE
     logits = model.lm_head(hidden[:, :-1][keep])  # [answer tokens, V]
@@ -156,7 +164,39 @@ def answer_loss(model: LlavaForConditionalGeneration, batch: Batch, probe: Patch
     if use_probe:
         embeddings = model.get_input_embeddings().weight if probe.tied else None
         loss = loss + probe_weight * probe.loss(captured[0], batch.patch_labels, embeddings)
+    if use_lookup:
+        loss = loss + lookup_weight * lookup_loss(attention, *attention_inputs[0], batch, model.config.image_token_id)
     return loss
+
+
+def lookup_loss(attention: nn.Module, hidden: torch.Tensor, position_embeddings: tuple[torch.Tensor, torch.Tensor],
+                batch: Batch, image_token_id: int) -> torch.Tensor:
+    """-log of head 0's attention mass on the named object's patches, averaged over the rows that predict
+    an answer token of the examples whose question names one object. hidden [B, T, D]: the attention's
+    input (after the layer's norm); the head is recomputed from its q/k weights, with RoPE and the
+    causal and padding masks, as the layer runs it."""
+    from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+    head_dim = attention.head_dim
+    query = F.linear(hidden, attention.q_proj.weight[:head_dim])[:, None]  # [B, 1, T, hd]
+    key = F.linear(hidden, attention.k_proj.weight[:head_dim])[:, None]
+    cos, sin = position_embeddings
+    query, key = apply_rotary_pos_emb(query, key, cos, sin)
+    scores = (query @ key.transpose(-1, -2))[:, 0] * head_dim ** -0.5  # [B, T, T]
+    length = hidden.shape[1]
+    visible = torch.ones(length, length, dtype=torch.bool).tril()[None] & batch.attention_mask[:, None, :].bool()
+    probs = scores.masked_fill(~visible, float("-inf")).softmax(-1)
+    # per row of the batch, the key positions of the named object's patches (the i-th image is the
+    # i-th row that has image tokens; its n-th image token is patch n)
+    targets = torch.zeros(batch.input_ids.shape, dtype=torch.bool)
+    image_rows = (batch.input_ids == image_token_id).any(1).nonzero().flatten()
+    for image, row in enumerate(image_rows.tolist()):
+        slots = (batch.input_ids[row] == image_token_id).nonzero().flatten()
+        targets[row, slots] = batch.lookup[image]
+    named = targets.any(1)
+    queries = (batch.labels[:, 1:] != IGNORE) & named[:, None]  # rows that predict an answer token
+    mass = (probs[:, :-1] * targets[:, None, :]).sum(-1)  # [B, T-1]
+    return -torch.log(mass[queries].clamp_min(1e-6)).mean()
 
 
 def _vision_parameters(model: LlavaForConditionalGeneration) -> list[nn.Parameter]:
@@ -268,8 +308,8 @@ def train(
     with open(run_dir / LOG, "a") as log, tqdm(total=tc.total_steps, initial=start, desc="train target", unit="step") as bar:
         for step in range(start, min(tc.total_steps, stop_after or tc.total_steps)):
             batch = collate(step_items(config, step), tokenizer, image_processor, config.model.visual_tokens,
-                            config.scenes if tc.probe_weight > 0 else None)
-            loss = answer_loss(model, batch, probe, tc.probe_weight, tc.loss_per_answer)
+                            config.scenes if tc.probe_weight > 0 or tc.lookup_weight > 0 else None)
+            loss = answer_loss(model, batch, probe, tc.probe_weight, tc.loss_per_answer, tc.lookup_weight, tc.lookup_layer)
             value = _optimize(loss, model.parameters(), optimizer, scheduler, tc.grad_clip)
             loss_ema = _ema(loss_ema, value)
             bar.update(1)

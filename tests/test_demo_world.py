@@ -14,7 +14,7 @@ from transformers import AutoImageProcessor, AutoProcessor, AutoTokenizer, Llava
 
 from demo_world.__main__ import main as demo_world_main
 from demo_world.config import FULL, MICRO
-from demo_world.data import answer_ids, build_tokenizer, collate, prompt_ids, step_items
+from demo_world.data import answer_ids, build_tokenizer, collate, make_item, prompt_ids, step_items
 from demo_world.evaluate import greedy_answer, heldout_items
 from demo_world.model import build_image_processor, build_model, save_target
 from demo_world.scenes import (PATCH_COLOURS, PATCH_SHAPES, PATCH_SIZES, Letter, Scene, SceneObject, patch_labels,
@@ -195,6 +195,42 @@ def test_probe_adds_a_vision_gradient(micro_tokenizer):
         patch_embedding = next(p for n, p in model.named_parameters() if n.endswith("patch_embedding.weight"))
         grads.append(patch_embedding.grad.clone())
     assert not torch.allclose(grads[0], grads[1])
+
+
+def test_lookup_patches_are_those_of_the_one_object_the_question_names():
+    from demo_world.data import lookup_patches
+
+    circle = SceneObject(shape="circle", colour="red", size="large", row=0, col=0, dx=0.0, dy=0.0)
+    triangle = SceneObject(shape="triangle", colour="blue", size="large", row=1, col=1, dx=0.0, dy=0.0)
+    labels = patch_labels(Scene(objects=(circle, triangle), letter=None), FULL.scenes, patch_size=8)
+    of = {name: [PATCH_SHAPES[s] == name for s in labels.shape] for name in ("circle", "triangle")}
+    assert any(of["circle"]) and any(of["triangle"])
+    assert lookup_patches("What colour is the triangle?", labels) == of["triangle"]
+    assert lookup_patches("Where is the red circle?", labels) == of["circle"]
+    assert lookup_patches("What shape is the blue object?", labels) == of["triangle"]
+    assert lookup_patches("How many circles are there?", labels) == of["circle"]
+    for unnamed in ("Is the red circle to the left of the blue triangle?", "Describe the image in detail.",
+                    "Are there more circles than triangles?"):
+        assert not any(lookup_patches(unnamed, labels)), unnamed
+
+
+def test_the_lookup_loss_teaches_a_head_to_attend_to_the_named_object(micro_tokenizer):
+    torch.set_num_threads(2)
+    tok, config = micro_tokenizer, MICRO
+    items = [make_item(kind, random.Random(kind), config.scenes) for kind in ("colour", "size", "position", "describe")]
+    batch = collate(items, tok, build_image_processor(config.model), config.model.visual_tokens, config.scenes)
+    assert batch.lookup.any(1).tolist() == [True, True, True, False]
+    model = _fresh(config, tok)
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
+    extra = []
+    for _ in range(20):
+        loss = answer_loss(model, batch, lookup_weight=1.0, lookup_layer=1) - answer_loss(model, batch).detach()
+        extra.append(float(loss.detach()))
+        (loss + answer_loss(model, batch)).backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    # -log(mass on the object's patches): from about chance (a few of ~80 keys) to most of the mass
+    assert extra[0] > 1.5 and extra[-1] < 0.5 * extra[0], extra
 
 
 def test_micro_build_twice_from_the_seed_gives_identical_weights(tmp_path):
