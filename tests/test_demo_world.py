@@ -173,7 +173,7 @@ def test_shipped_target_answers_heldout_count_questions():
     items = heldout_items(FULL, Kind.COUNT.value, 10)
     answers = [greedy_answer(model, tok, image_processor, it, FULL.model.visual_tokens, 16) for it in items]
     right = [key_facts(a) == key_facts(it.example.answer) for a, it in zip(answers, items)]
-    # The shipped target scores 1.00 on 50 held-out count questions (models/demo/samples/README.md);
+    # The shipped target scores 0.98 on 50 held-out count questions (models/demo/samples/README.md);
     # one constant answer would score about 0.2 (1-5 objects, uniform).
     assert sum(right) >= 9, list(zip(answers, [it.example.answer for it in items]))
     assert all(a.startswith("There ") and a.endswith(".") for a in answers)
