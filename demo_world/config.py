@@ -200,11 +200,11 @@ LOOKUP_PROPOSAL = RecipeConfig(train=TrainConfig(steps=3000, mix=LOOKUP_MIX))
 # at 1200, 0.63 / 0.70 at 1800 (there describe 0.04 and shape 0.62 against FULL's 0.36 and 0.96).
 # None is worth a full build on this evidence.
 TIED = RecipeConfig(train=TrainConfig(probe_tied=True))
-# Issue 3 trial: FULL with the prompt before the image (`ModelConfig.image_last`), so that image positions
+# Issue 3 trial: PROBE_ONLY with the prompt before the image (`ModelConfig.image_last`), so that image positions
 # can read the question. Measured 2026-12-08 (`build --preset image-last --stop-after 1200`, 22 min on 2
 # threads, then `evaluate --preset image-last --per-kind 50` on the six fact kinds): pooled 0.427 at LM
-# step 1200 against FULL's 0.57 there (count 0.86, count_shape 0.44, colour 0.52, shape 0.32, size 0.32,
-# position 0.10); at step 600 the monitor had it level with FULL (~0.31). Not worth a full build.
+# step 1200 against PROBE_ONLY's 0.57 there (count 0.86, count_shape 0.44, colour 0.52, shape 0.32, size 0.32,
+# position 0.10); at step 600 the monitor had it level with PROBE_ONLY (~0.31). Not worth a full build.
 IMAGE_LAST = RecipeConfig(model=ModelConfig(image_last=True))
 PER_ANSWER = RecipeConfig(train=TrainConfig(loss_per_answer=True))
 TIED_PER_ANSWER = RecipeConfig(train=TrainConfig(probe_tied=True, loss_per_answer=True))
