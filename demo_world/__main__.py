@@ -17,7 +17,8 @@ from pathlib import Path
 
 import torch
 
-from demo_world.config import (ASSISTANT, FULL, IMAGE_LAST, LOOKUP_PROPOSAL, MICRO, PER_ANSWER, PROBE_ONLY, TIED,
+from demo_world.config import (ASSISTANT, FULL, IMAGE_LAST, LOOKUP_PROPOSAL, MICRO, PER_ANSWER, PROBE_CELL, PROBE_ONLY,
+                               TIED,
                                TIED_PER_ANSWER, RecipeConfig)
 from demo_world.data import build_tokenizer, prompt_ids
 from demo_world.evaluate import FACT_KINDS, evaluate, load_target
@@ -28,7 +29,7 @@ from demo_world.train import train
 
 PRESETS = {"full": FULL, "probe-only": PROBE_ONLY, "micro": MICRO, "assistant": ASSISTANT,
            "lookup-proposal": LOOKUP_PROPOSAL, "tied": TIED, "image-last": IMAGE_LAST, "per-answer": PER_ANSWER,
-           "tied-per-answer": TIED_PER_ANSWER}
+           "tied-per-answer": TIED_PER_ANSWER, "probe-cell": PROBE_CELL}
 SAMPLE_SEEDS = (101, 202, 303, 404, 505, 606)
 
 

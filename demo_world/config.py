@@ -105,6 +105,9 @@ class TrainConfig:
     # patches directly; 0 turns it off. FULL uses 1.0.
     lookup_weight: float = 0.0
     lookup_layer: int = 2
+    # Issue 3 trial: a fourth probe head, the grid cell each patch lies in, so that the projector's output
+    # carries the place linearly for the decoder to read from the patches it looks up. False in FULL.
+    probe_cell: bool = False
     warmup_steps: int = 100
     min_lr_ratio: float = 0.1  # cosine decays to this fraction of the peak
     weight_decay: float = 0.01
@@ -206,5 +209,7 @@ TIED = RecipeConfig(train=TrainConfig(probe_tied=True))
 # step 1200 against PROBE_ONLY's 0.57 there (count 0.86, count_shape 0.44, colour 0.52, shape 0.32, size 0.32,
 # position 0.10); at step 600 the monitor had it level with PROBE_ONLY (~0.31). Not worth a full build.
 IMAGE_LAST = RecipeConfig(model=ModelConfig(image_last=True))
+# Issue 3 trial: FULL with the grid-cell probe head (`TrainConfig.probe_cell`), for position questions.
+PROBE_CELL = RecipeConfig(train=TrainConfig(lookup_weight=1.0, probe_cell=True))
 PER_ANSWER = RecipeConfig(train=TrainConfig(loss_per_answer=True))
 TIED_PER_ANSWER = RecipeConfig(train=TrainConfig(probe_tied=True, loss_per_answer=True))

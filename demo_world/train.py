@@ -24,7 +24,7 @@ from transformers import LlavaForConditionalGeneration, PreTrainedTokenizerBase
 
 from demo_world.config import RecipeConfig, TrainConfig
 from demo_world.data import IGNORE, Batch, collate, step_items, vision_batch
-from demo_world.scenes import PATCH_COLOURS, PATCH_SHAPES, PATCH_SIZES
+from demo_world.scenes import GRID, PATCH_COLOURS, PATCH_SHAPES, PATCH_SIZES
 
 CHECKPOINT = "checkpoint.pt"
 VISION_CHECKPOINT = "vision_checkpoint.pt"
@@ -79,14 +79,16 @@ class PatchProbe(nn.Module):
     With `class_tokens` (see `probe_class_tokens`) the weight row of each named class is the LM's input
     embedding of its word times a learned scale, so the loss aligns patch features with word embeddings."""
 
-    def __init__(self, hidden: int, seed: int, class_tokens: tuple[tuple[int | None, ...], ...] | None = None
-                 ) -> None:
+    def __init__(self, hidden: int, seed: int, class_tokens: tuple[tuple[int | None, ...], ...] | None = None,
+                 cell: bool = False) -> None:
         super().__init__()
         with torch.random.fork_rng(devices=[]):  # seeded, and the global RNG stream is left as it was
             torch.manual_seed(seed)
             self.shape = nn.Linear(hidden, len(PATCH_SHAPES))
             self.colour = nn.Linear(hidden, len(PATCH_COLOURS))
             self.size = nn.Linear(hidden, len(PATCH_SIZES))
+            # which of the 3x3 grid's cells the patch lies in (TrainConfig.probe_cell)
+            self.cell = nn.Linear(hidden, GRID * GRID) if cell else None
         self.tied = class_tokens is not None
         if self.tied:
             assert [len(t) for t in class_tokens] == [len(c) for c in PROBE_CLASSES], class_tokens
@@ -110,7 +112,18 @@ class PatchProbe(nn.Module):
                 tied_rows = self.log_scale.exp() * embeddings[getattr(self, f"token_ids{i}")]
                 weight = torch.where(getattr(self, f"is_tied{i}")[:, None], tied_rows, weight)
             total = total + F.cross_entropy(F.linear(flat, weight, head.bias), targets[:, i])
-        return total / len(heads)
+        if self.cell is None:
+            return total / len(heads)
+        cells = patch_cells(features.shape[1]).repeat(features.shape[0])
+        return (total + F.cross_entropy(self.cell(flat), cells)) / (len(heads) + 1)
+
+
+def patch_cells(num_patches: int) -> torch.Tensor:
+    """[N] the grid cell (row-major, 0..8) holding each patch's centre, patches in row-major order."""
+    side = round(num_patches ** 0.5)
+    centre = (torch.arange(side) + 0.5) / side  # in fractions of the image
+    band = (centre * GRID).long().clamp_max(GRID - 1)
+    return (band[:, None] * GRID + band[None, :]).flatten()
 
 
 def make_optimizer(model: LlavaForConditionalGeneration, config: TrainConfig, probe: nn.Module | None = None
@@ -288,7 +301,8 @@ def train(
     """
     tc = config.train
     run_dir.mkdir(parents=True, exist_ok=True)
-    probe = PatchProbe(config.model.text_hidden, tc.seed + 1, probe_class_tokens(tokenizer) if tc.probe_tied else None)
+    probe = PatchProbe(config.model.text_hidden, tc.seed + 1, probe_class_tokens(tokenizer) if tc.probe_tied else None,
+                       cell=tc.probe_cell)
     checkpoint = run_dir / CHECKPOINT
     if not checkpoint.exists():
         pretrain_vision(model, probe, image_processor, config, run_dir)

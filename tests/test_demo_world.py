@@ -233,6 +233,21 @@ def test_the_lookup_loss_teaches_a_head_to_attend_to_the_named_object(micro_toke
     assert extra[0] > 1.5 and extra[-1] < 0.5 * extra[0], extra
 
 
+def test_the_cell_head_of_the_probe_learns_the_grid_cell_of_each_patch():
+    from demo_world.train import patch_cells
+
+    cells = patch_cells(64).view(8, 8)  # 8 patches per side over 3 cells: 3, 2 and 3 patches
+    assert cells[0].tolist() == [0, 0, 0, 1, 1, 2, 2, 2] and cells[:, 0].tolist() == [0, 0, 0, 3, 3, 6, 6, 6]
+    assert cells[7, 7] == 8
+    torch.manual_seed(0)
+    features, labels = torch.randn(2, 64, 16), torch.zeros(2, 64, 3, dtype=torch.long)
+    with_cell, without = PatchProbe(16, seed=1, cell=True), PatchProbe(16, seed=1)
+    with_cell.loss(features, labels).backward()
+    assert with_cell.cell.weight.grad.abs().sum() > 0 and without.cell is None
+    # the three attribute heads start from the same seeded weights either way
+    assert torch.equal(with_cell.shape.weight, without.shape.weight)
+
+
 def test_micro_build_twice_from_the_seed_gives_identical_weights(tmp_path):
     hashes = []
     for name in ("first", "second"):
