@@ -210,6 +210,10 @@ TIED = RecipeConfig(train=TrainConfig(probe_tied=True))
 # position 0.10); at step 600 the monitor had it level with PROBE_ONLY (~0.31). Not worth a full build.
 IMAGE_LAST = RecipeConfig(model=ModelConfig(image_last=True))
 # Issue 3 trial: FULL with the grid-cell probe head (`TrainConfig.probe_cell`), for position questions.
+# Measured 2026-12-08 (`build --preset probe-cell --stop-after 1200`, 1307 s on 2 threads, then `evaluate
+# --preset probe-cell --per-kind 50` on the six fact kinds): pooled 0.700 at LM step 1200 against FULL's 0.677
+# there; position 0.16 against 0.08, colour 1.00 / 0.90, count 0.84 / 0.80, count_shape 0.42 / 0.44, shape
+# 0.94 / 0.98, size 0.84 / 0.86. A small gain, position still far from the rest: a full build is the check.
 PROBE_CELL = RecipeConfig(train=TrainConfig(lookup_weight=1.0, probe_cell=True))
 PER_ANSWER = RecipeConfig(train=TrainConfig(loss_per_answer=True))
 TIED_PER_ANSWER = RecipeConfig(train=TrainConfig(probe_tied=True, loss_per_answer=True))
